@@ -1,0 +1,293 @@
+//! Every setting of `idemd serve`: flag, environment variable, default and
+//! validation, in one struct. Validated once at start-up; an error names the
+//! flag (and its variable) that is wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// Lease lengths callers may ask for (API.md).
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+/// The longest `wait_timeout` a Begin may ask for.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Responses beyond this are a misuse of an idempotency store.
+pub const MAX_RESPONSE_BYTES_CEILING: usize = 64 * 1024 * 1024;
+
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{e} (write durations like 500ms, 60s, 24h)"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A database URL whose password never reaches a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn backend(&self) -> Result<Backend, String> {
+        let scheme = self.0.split_once(':').map(|(s, _)| s).unwrap_or("");
+        match scheme {
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            "sqlite" => Ok(Backend::Sqlite),
+            _ => Err(format!(
+                "unsupported scheme in {self}: use postgres://… (production) or sqlite://… (embedded)"
+            )),
+        }
+    }
+}
+
+impl FromStr for DatabaseUrl {
+    type Err = String;
+    fn from_str(value: &str) -> Result<Self, String> {
+        let url = DatabaseUrl(value.to_string());
+        url.backend()?;
+        Ok(url)
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut parsed) if parsed.password().is_some() => {
+                // set_password only fails for URLs that cannot have one.
+                let _ = parsed.set_password(Some("***"));
+                write!(f, "{parsed}")
+            }
+            Ok(_) => write!(f, "{}", self.0),
+            Err(_) => write!(f, "<unparsable database url>"),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Where the records live.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Database URL: postgres://user:pass@host/db for production, or an
+    /// SQLite file (created if missing) for a laptop or one small instance.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://idemd.db")]
+    pub database_url: DatabaseUrl,
+
+    /// Connections in the pool of this replica. Replicas × this must stay
+    /// under Postgres's max_connections.
+    #[arg(long, env = "IDEMD_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+/// Settings of `idemd serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address of the gRPC port (the service, health and reflection).
+    #[arg(long, env = "IDEMD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    /// Lease length when a Begin or Heartbeat does not ask for one (1s–1h).
+    #[arg(long, env = "IDEMD_DEFAULT_LEASE_TTL", default_value = "60s", value_parser = duration)]
+    pub default_lease_ttl: Duration,
+
+    /// Retention when a Begin does not ask for one.
+    #[arg(long, env = "IDEMD_DEFAULT_RETENTION", default_value = "24h", value_parser = duration)]
+    pub default_retention: Duration,
+
+    /// Shortest retention a Begin may ask for. Payments retry windows need a day.
+    #[arg(long, env = "IDEMD_MIN_RETENTION", default_value = "24h", value_parser = duration)]
+    pub min_retention: Duration,
+
+    /// Longest retention a Begin may ask for.
+    #[arg(long, env = "IDEMD_MAX_RETENTION", default_value = "720h", value_parser = duration)]
+    pub max_retention: Duration,
+
+    /// Largest response Complete accepts, in bytes.
+    #[arg(long, env = "IDEMD_MAX_RESPONSE_BYTES", default_value_t = 1_048_576)]
+    pub max_response_bytes: usize,
+
+    /// How often the reaper aborts leases whose caller died.
+    #[arg(long, env = "IDEMD_REAPER_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub reaper_interval: Duration,
+
+    /// How often the purger deletes expired records.
+    #[arg(long, env = "IDEMD_PURGE_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub purge_interval: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "IDEMD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Do not apply migrations at start-up (run `idemd migrate` instead).
+    #[arg(long, env = "IDEMD_NO_MIGRATE")]
+    pub no_migrate: bool,
+}
+
+/// A setting that is out of range, named by its flag and variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {flag} ({env}): {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub problem: String,
+}
+
+fn bad(flag: &'static str, env: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        env,
+        problem: problem.into(),
+    }
+}
+
+impl ServeConfig {
+    /// Every setting from its environment variable or default, as if no flag
+    /// were given (tests start from this and override fields).
+    pub fn defaults() -> Self {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: ServeConfig,
+        }
+        let matches = <Wrapper as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .get_matches_from(Vec::<String>::new());
+        // The defaults above are literals that parse; a failure is a bug in this file.
+        Wrapper::from_arg_matches(&matches)
+            .map(|w| w.config)
+            .expect("defaults parse") // ok: constant input
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.database;
+        if d.db_max_connections == 0 {
+            return Err(bad(
+                "--db-max-connections",
+                "IDEMD_DB_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.default_lease_ttl) {
+            return Err(bad(
+                "--default-lease-ttl",
+                "IDEMD_DEFAULT_LEASE_TTL",
+                "must be between 1s and 1h",
+            ));
+        }
+        if self.min_retention.is_zero() {
+            return Err(bad(
+                "--min-retention",
+                "IDEMD_MIN_RETENTION",
+                "must be positive",
+            ));
+        }
+        if self.max_retention < self.min_retention {
+            return Err(bad(
+                "--max-retention",
+                "IDEMD_MAX_RETENTION",
+                "must not be below --min-retention",
+            ));
+        }
+        if self.max_retention > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err(bad(
+                "--max-retention",
+                "IDEMD_MAX_RETENTION",
+                "must be at most 100 years",
+            ));
+        }
+        if !(self.min_retention..=self.max_retention).contains(&self.default_retention) {
+            return Err(bad(
+                "--default-retention",
+                "IDEMD_DEFAULT_RETENTION",
+                "must lie within [--min-retention, --max-retention]",
+            ));
+        }
+        if self.max_response_bytes == 0 || self.max_response_bytes > MAX_RESPONSE_BYTES_CEILING {
+            return Err(bad(
+                "--max-response-bytes",
+                "IDEMD_MAX_RESPONSE_BYTES",
+                "must be between 1 and 67108864",
+            ));
+        }
+        if self.reaper_interval < Duration::from_millis(10) {
+            return Err(bad(
+                "--reaper-interval",
+                "IDEMD_REAPER_INTERVAL",
+                "must be at least 10ms",
+            ));
+        }
+        if self.purge_interval < Duration::from_millis(10) {
+            return Err(bad(
+                "--purge-interval",
+                "IDEMD_PURGE_INTERVAL",
+                "must be at least 10ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = ServeConfig::defaults();
+        config.validate().expect("defaults validate");
+        assert_eq!(config.default_lease_ttl, Duration::from_secs(60));
+        assert_eq!(config.database.database_url.backend(), Ok(Backend::Sqlite));
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let mut config = ServeConfig::defaults();
+        config.default_retention = Duration::from_secs(60);
+        let error = config
+            .validate()
+            .expect_err("retention below min")
+            .to_string();
+        assert!(
+            error.contains("--default-retention") && error.contains("IDEMD_DEFAULT_RETENTION"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn database_password_is_hidden() {
+        let url = DatabaseUrl::new("postgres://idemd:s3cret@db:5432/idemd");
+        assert!(!format!("{url:?} {url}").contains("s3cret"));
+        assert!("mysql://x".parse::<DatabaseUrl>().is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! The one error type of idemd and its single mapping to `tonic::Status`.
+//!
+//! Every status carries a `google.rpc.ErrorInfo` (domain `idemd`) with the
+//! reason API.md fixes; INVALID_ARGUMENT also carries `google.rpc.BadRequest`
+//! field violations. Store failures are logged here and never echoed.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every idemd error.
+pub const ERROR_DOMAIN: &str = "idemd";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// INVALID_ARGUMENT, reason `INVALID_FIELD`, with a field violation.
+    #[error("invalid {field}: {description}")]
+    InvalidField { field: String, description: String },
+    /// FAILED_PRECONDITION, reason `FINGERPRINT_MISMATCH`: the key is bound to
+    /// another request.
+    #[error("fingerprint differs from the one this key was first used with")]
+    FingerprintMismatch,
+    /// FAILED_PRECONDITION, reason `LEASE_LOST`: the token is not (or no
+    /// longer) the live holder's.
+    #[error("lease_token does not hold a live lease on this key")]
+    LeaseLost,
+    /// NOT_FOUND, reason `NOT_FOUND`: absent or expired.
+    #[error("no record for this namespace and key")]
+    NotFound,
+    /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: the database did not answer.
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(#[source] sqlx::Error),
+    /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: the store kept changing under
+    /// a Begin; safe to retry.
+    #[error("store contention: {0}")]
+    Contention(&'static str),
+    /// INTERNAL: a bug or an impossible row; logged, not echoed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Error::InvalidField {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
+    /// The `ErrorInfo.reason` of this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidField { .. } => "INVALID_FIELD",
+            Error::FingerprintMismatch => "FINGERPRINT_MISMATCH",
+            Error::LeaseLost => "LEASE_LOST",
+            Error::NotFound => "NOT_FOUND",
+            Error::StoreUnavailable(_) | Error::Contention(_) => "STORE_UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            Error::InvalidField { .. } => Code::InvalidArgument,
+            Error::FingerprintMismatch | Error::LeaseLost => Code::FailedPrecondition,
+            Error::NotFound => Code::NotFound,
+            Error::StoreUnavailable(_) | Error::Contention(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            // Decoding a row we wrote ourselves cannot fail unless the code
+            // and the schema disagree: that is a bug, not an outage.
+            sqlx::Error::ColumnNotFound(_)
+            | sqlx::Error::ColumnDecode { .. }
+            | sqlx::Error::ColumnIndexOutOfBounds { .. }
+            | sqlx::Error::TypeNotFound { .. }
+            | sqlx::Error::Decode(_) => Error::Internal(error.to_string()),
+            other => Error::StoreUnavailable(other),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = error.code();
+        let message = match &error {
+            Error::StoreUnavailable(source) => {
+                tracing::warn!(error = %source, "store unavailable");
+                "store unavailable; retry with backoff".to_string()
+            }
+            Error::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                "internal error".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut details =
+            ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, HashMap::new());
+        if let Error::InvalidField { field, description } = &error {
+            details.add_bad_request_violation(field.clone(), description.clone());
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

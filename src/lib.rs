@@ -1,0 +1,41 @@
+//! idemd: a standalone gRPC idempotency service.
+//!
+//! Map of the crate, from the wire inwards:
+//! - [`server`] binds the gRPC port and wires everything; shuts down gracefully.
+//! - [`service`] implements the five RPCs: validate, call one store method, encode.
+//! - [`codec`] decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
+//! - [`error`] is the one error type and its one mapping to `tonic::Status`.
+//! - [`domain`] holds plain validated types and the outcome of each transition.
+//! - [`store`] is the `Store` trait and its Postgres and SQLite implementations,
+//!   where all correctness lives (one atomic statement per transition).
+//! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
+//! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
+//! - [`config`] is every setting; [`telemetry`] sets up logging; [`lookup`]
+//!   is the `idemd lookup` command.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod health;
+pub mod lookup;
+pub mod reaper;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod wakeups;
+
+/// Code generated from `proto/idemd/v1/idempotency.proto`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("idemd.v1");
+
+    /// The encoded descriptor set of the contract, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/idemd_descriptor.bin"));
+
+    /// The service name clients and readiness probes use.
+    pub const SERVICE_NAME: &str = "idemd.v1.Idempotency";
+}

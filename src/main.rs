@@ -1,0 +1,63 @@
+//! The `idemd` command line: wiring only; everything lives in the library.
+
+use clap::{Parser, Subcommand};
+use idemd::config::{DatabaseConfig, LogFormat, ServeConfig};
+use idemd::{lookup, server, telemetry};
+
+/// A standalone gRPC idempotency service: no customer is ever charged twice.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server (applies migrations first unless --no-migrate).
+    Serve(ServeConfig),
+    /// Apply migrations and exit (for a Kubernetes Job).
+    Migrate(DatabaseConfig),
+    /// Print one record of a running server as JSON.
+    Lookup {
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        key: String,
+        /// The server's gRPC address.
+        #[arg(long, env = "IDEMD_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            telemetry::init(config.log_format);
+            config.validate()?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen on {} (--listen, IDEMD_LISTEN): {e}",
+                        config.listen
+                    )
+                })?;
+            server::run(config, listener, server::shutdown_signal()).await
+        }
+        Command::Migrate(database) => {
+            telemetry::init(LogFormat::Text);
+            server::migrate(&database).await
+        }
+        Command::Lookup {
+            namespace,
+            key,
+            addr,
+        } => {
+            let record = lookup::lookup(addr, namespace, key).await?;
+            println!("{}", serde_json::to_string_pretty(&record)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The reaper (aborts leases whose caller died) and the purger (deletes
+//! expired records). Both run on every replica at once: the store's
+//! statements skip rows another replica is already handling.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{MAINTENANCE_BATCH, Store};
+
+/// Longest pause after repeated store errors.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Batches per purge tick: bounds one tick's work, the rest waits a tick.
+const PURGE_BATCHES_PER_TICK: usize = 20;
+
+/// `loop { select! { tick => work, shutdown => break } }`, doubling the
+/// pause after each failed tick and resetting it after a good one.
+fn every<F, Fut>(
+    name: &'static str,
+    interval: Duration,
+    shutdown: CancellationToken,
+    mut work: F,
+) -> JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = crate::error::Result<()>> + Send,
+{
+    tokio::spawn(async move {
+        let mut pause = interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            pause = match work().await {
+                Ok(()) => interval,
+                Err(error) => {
+                    tracing::warn!(task = name, %error, "background task failed; backing off");
+                    (pause * 2).min(MAX_BACKOFF.max(interval))
+                }
+            };
+        }
+    })
+}
+
+pub fn spawn_reaper<S: Store>(
+    store: S,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    every("reaper", interval, shutdown, move || {
+        let store = store.clone();
+        async move {
+            loop {
+                let reaped = store.reap_expired_leases(MAINTENANCE_BATCH).await?;
+                for lease in &reaped {
+                    // A reaped lease means a caller died mid-operation.
+                    tracing::warn!(
+                        namespace = %lease.namespace,
+                        key = %lease.key,
+                        attempt = lease.attempt,
+                        "lease expired without Complete or Abort; aborted by the reaper"
+                    );
+                }
+                if (reaped.len() as i64) < MAINTENANCE_BATCH {
+                    return Ok(());
+                }
+            }
+        }
+    })
+}
+
+pub fn spawn_purger<S: Store>(
+    store: S,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    every("purger", interval, shutdown, move || {
+        let store = store.clone();
+        async move {
+            let mut purged = 0;
+            for _ in 0..PURGE_BATCHES_PER_TICK {
+                let batch = store.purge_expired(MAINTENANCE_BATCH).await?;
+                purged += batch;
+                if (batch as i64) < MAINTENANCE_BATCH {
+                    break;
+                }
+            }
+            if purged > 0 {
+                tracing::info!(purged, "purged expired records");
+            }
+            Ok(())
+        }
+    })
+}

@@ -1,0 +1,238 @@
+//! Wires the store, the service, health, reflection and the background loops
+//! onto an already-bound listener, serves until `shutdown` resolves, then
+//! shuts down gracefully: readiness NOT_SERVING first, then the listener
+//! closes and in-flight calls drain for up to `--shutdown-grace`, then the
+//! background loops stop and the pool closes.
+//!
+//! Tests and production start the server the same way: [`run`] with a
+//! listener and a shutdown future.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{Backend, DatabaseConfig, ServeConfig};
+use crate::pb::{self, SERVICE_NAME};
+use crate::service::{IdempotencyService, Limits};
+use crate::store::Store;
+use crate::store::postgres::PgStore;
+use crate::store::sqlite::SqliteStore;
+use crate::wakeups::Wakeups;
+use crate::{health, reaper};
+
+/// Room for the other fields of a CompleteRequest next to the largest response.
+const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+/// How long background tasks get to stop after the drain.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Applies the migrations of the configured database and returns.
+pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
+    match database
+        .database_url
+        .backend()
+        .map_err(anyhow::Error::msg)?
+    {
+        Backend::Postgres => {
+            let store = PgStore::connect_lazy(database)?;
+            store
+                .migrate()
+                .await
+                .context("applying Postgres migrations")?;
+            store.close().await;
+        }
+        Backend::Sqlite => {
+            let store = SqliteStore::connect(database, Wakeups::new())
+                .await
+                .context("opening the SQLite database")?;
+            store
+                .migrate()
+                .await
+                .context("applying SQLite migrations")?;
+            store.close().await;
+        }
+    }
+    tracing::info!(database = %database.database_url, "migrations applied");
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown` resolves. Validates the
+/// configuration, opens the store and applies migrations (unless
+/// `--no-migrate`) before the first call is answered.
+pub async fn run(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let wakeups = Wakeups::new();
+    let background = CancellationToken::new();
+    match config
+        .database
+        .database_url
+        .backend()
+        .map_err(anyhow::Error::msg)?
+    {
+        Backend::Postgres => {
+            let store = PgStore::connect_lazy(&config.database)?;
+            if !config.no_migrate {
+                store
+                    .migrate()
+                    .await
+                    .context("applying Postgres migrations")?;
+            }
+            let relay = store.spawn_wakeup_listener(Arc::clone(&wakeups), background.clone());
+            serve(
+                store,
+                wakeups,
+                config,
+                listener,
+                shutdown,
+                background,
+                vec![relay],
+            )
+            .await
+        }
+        Backend::Sqlite => {
+            let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
+                .await
+                .context("opening the SQLite database")?;
+            if !config.no_migrate {
+                store
+                    .migrate()
+                    .await
+                    .context("applying SQLite migrations")?;
+            }
+            serve(
+                store,
+                wakeups,
+                config,
+                listener,
+                shutdown,
+                background,
+                Vec::new(),
+            )
+            .await
+        }
+    }
+}
+
+async fn serve<S: Store>(
+    store: S,
+    wakeups: Arc<Wakeups>,
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    background: CancellationToken,
+    mut tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+
+    let probe_stop = CancellationToken::new();
+    let probe = health::spawn_readiness_probe(store.clone(), reporter, probe_stop.clone());
+    tasks.push(reaper::spawn_reaper(
+        store.clone(),
+        config.reaper_interval,
+        background.clone(),
+    ));
+    tasks.push(reaper::spawn_purger(
+        store.clone(),
+        config.purge_interval,
+        background.clone(),
+    ));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let stop_waiting = CancellationToken::new();
+    let service = IdempotencyService::new(
+        store.clone(),
+        wakeups,
+        Limits::from(&config),
+        stop_waiting.clone(),
+    );
+    let service = pb::idempotency_server::IdempotencyServer::new(service)
+        .max_decoding_message_size(config.max_response_bytes + REQUEST_OVERHEAD_BYTES);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %config.database.database_url, "idemd listening");
+
+    let draining = CancellationToken::new();
+    let signal = {
+        let draining = draining.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: readiness NOT_SERVING, draining in-flight calls");
+            probe_stop.cancel();
+            // The probe reports NOT_SERVING as its last act.
+            let _ = probe.await;
+            stop_waiting.cancel();
+            draining.cancel();
+        }
+    };
+    // Small gRPC frames must not wait for Nagle's algorithm.
+    let incoming = TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, signal);
+
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        result = server => result.context("serving gRPC"),
+        _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "shutdown grace expired; dropping the calls still in flight");
+            Ok(())
+        }
+    };
+
+    background.cancel();
+    for task in tasks {
+        if tokio::time::timeout(TASK_STOP_TIMEOUT, task).await.is_err() {
+            tracing::warn!("a background task did not stop in time");
+        }
+    }
+    store.close().await;
+    tracing::info!("idemd stopped");
+    result
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,470 @@
+//! The `idemd.v1.Idempotency` service: decode → validate → one store call →
+//! encode. No transition is decided here; Begin's waiting (`wait_timeout`)
+//! is the only logic, and it only re-runs the store's atomic Begin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
+use crate::domain::{
+    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN,
+    Record, RecordId, Timestamp, check_fingerprint, check_lease_token, check_text,
+};
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::store::Store;
+use crate::wakeups::Wakeups;
+
+/// A waiter re-checks its key at least this often even without a wake-up:
+/// the safety net under the notifications.
+const WAITER_POLL: Duration = Duration::from_secs(2);
+
+/// What the service needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub default_lease_ttl: Duration,
+    pub default_retention: Duration,
+    pub min_retention: Duration,
+    pub max_retention: Duration,
+    pub max_response_bytes: usize,
+}
+
+impl From<&ServeConfig> for Limits {
+    fn from(config: &ServeConfig) -> Self {
+        Limits {
+            default_lease_ttl: config.default_lease_ttl,
+            default_retention: config.default_retention,
+            min_retention: config.min_retention,
+            max_retention: config.max_retention,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+}
+
+pub struct IdempotencyService<S> {
+    store: S,
+    wakeups: Arc<Wakeups>,
+    limits: Limits,
+    /// Cancelled when shutdown begins: parked waiters answer at once instead
+    /// of holding the drain for up to a minute.
+    stop_waiting: CancellationToken,
+}
+
+impl<S: Store> IdempotencyService<S> {
+    pub fn new(
+        store: S,
+        wakeups: Arc<Wakeups>,
+        limits: Limits,
+        stop_waiting: CancellationToken,
+    ) -> Self {
+        IdempotencyService {
+            store,
+            wakeups,
+            limits,
+            stop_waiting,
+        }
+    }
+
+    /// Re-runs the atomic Begin while the key is held by a live lease, until
+    /// it is completed, acquired, or the wait (bounded by the deadline) ends.
+    async fn begin_and_wait(
+        &self,
+        request: &domain::BeginRequest,
+        wait_until: Option<Instant>,
+    ) -> Result<BeginOutcome> {
+        let Some(wait_until) = wait_until else {
+            return self.store.begin(request).await;
+        };
+        // Subscribed before the first attempt: a wake-up between the attempt
+        // and the wait is not lost.
+        let mut subscription = self.wakeups.subscribe(&request.id);
+        loop {
+            let outcome = self.store.begin(request).await?;
+            let BeginOutcome::InProgress(busy) = &outcome else {
+                return Ok(outcome);
+            };
+            let now = Instant::now();
+            if now >= wait_until || self.stop_waiting.is_cancelled() {
+                return Ok(outcome);
+            }
+            // Wake at the latest when the holder's lease runs out (it may be
+            // taken over then), or for the periodic re-check.
+            let lease_end = now + busy.lease_remaining + Duration::from_millis(1);
+            let recheck = wait_until.min(lease_end).min(now + WAITER_POLL);
+            tokio::select! {
+                _ = subscription.woken() => {}
+                _ = tokio::time::sleep_until(recheck) => {}
+                _ = self.stop_waiting.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// The caller's deadline from `grpc-timeout`, if it sent one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// When a waiting Begin must stop waiting: after `wait`, and in time to
+/// answer before the caller's deadline (a tenth of it, 20–250 ms, is kept
+/// for the answer to travel back).
+fn wait_until(started: Instant, wait: Duration, deadline: Option<Duration>) -> Option<Instant> {
+    let mut budget = wait;
+    if let Some(deadline) = deadline {
+        let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        budget = budget.min(deadline.saturating_sub(margin));
+    }
+    (!budget.is_zero()).then(|| started + budget)
+}
+
+/// A protobuf Duration as a std Duration: malformed or negative ones are
+/// INVALID_ARGUMENT naming `field`.
+fn parse_duration(field: &str, value: &prost_types::Duration) -> Result<Duration> {
+    // The protobuf spec's range for Duration.seconds: ±10,000 years.
+    const MAX_SECONDS: i64 = 315_576_000_000;
+    let (seconds, nanos) = (value.seconds, value.nanos);
+    if !(-999_999_999..=999_999_999).contains(&nanos) {
+        return Err(Error::invalid(
+            field,
+            format!("{field}.nanos is out of range"),
+        ));
+    }
+    if (seconds > 0 && nanos < 0) || (seconds < 0 && nanos > 0) {
+        return Err(Error::invalid(field, format!("{field} has mixed signs")));
+    }
+    if !(-MAX_SECONDS..=MAX_SECONDS).contains(&seconds) {
+        return Err(Error::invalid(
+            field,
+            format!("{field}.seconds is out of range"),
+        ));
+    }
+    if seconds < 0 || nanos < 0 {
+        return Err(Error::invalid(field, format!("{field} is negative")));
+    }
+    // Both are non-negative and in range here.
+    Ok(Duration::new(seconds.unsigned_abs(), nanos.unsigned_abs()))
+}
+
+/// An optional Duration field: unset means `default`, set must lie in [min, max].
+fn duration_in(
+    field: &str,
+    value: Option<&prost_types::Duration>,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let duration = parse_duration(field, value)?;
+    if duration < min || duration > max {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "{field} must lie within [{}, {}]",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
+    }
+    Ok(duration)
+}
+
+fn lease_ttl(value: Option<&prost_types::Duration>, limits: &Limits) -> Result<Duration> {
+    duration_in(
+        "lease_ttl",
+        value,
+        limits.default_lease_ttl,
+        MIN_LEASE_TTL,
+        MAX_LEASE_TTL,
+    )
+}
+
+fn timestamp(value: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: value.timestamp(),
+        // Always below 2e9 (a leap second adds at most 1e9).
+        nanos: i32::try_from(value.timestamp_subsec_nanos()).unwrap_or(999_999_999),
+    }
+}
+
+fn proto_duration(value: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
+    use pb::begin_response::Outcome;
+    let outcome = match outcome {
+        BeginOutcome::Acquired(lease) => Outcome::Acquired(pb::Acquired {
+            lease_token: lease.lease_token,
+            attempt: lease.attempt,
+            lease_expires_at: Some(timestamp(lease.lease_expires_at)),
+            downstream_key: lease.downstream_key,
+        }),
+        BeginOutcome::Completed(stored) => Outcome::Completed(pb::Completed {
+            response: stored.response,
+            response_code: stored.response_code,
+            content_type: stored.content_type,
+            completed_at: Some(timestamp(stored.completed_at)),
+            expires_at: Some(timestamp(stored.expires_at)),
+            attempt: stored.attempt,
+        }),
+        BeginOutcome::InProgress(busy) => Outcome::InProgress(pb::InProgress {
+            attempt: busy.attempt,
+            lease_expires_at: Some(timestamp(busy.lease_expires_at)),
+            retry_after: Some(proto_duration(busy.retry_after())),
+        }),
+    };
+    pb::BeginResponse {
+        outcome: Some(outcome),
+    }
+}
+
+fn encode_record(record: Record) -> pb::Record {
+    let state = match record.state {
+        domain::State::InProgress => pb::State::InProgress,
+        domain::State::Completed => pb::State::Completed,
+        domain::State::Aborted => pb::State::Aborted,
+    };
+    let aborted_by = match record.aborted_by {
+        Some(domain::AbortedBy::Caller) => pb::AbortedBy::Caller,
+        Some(domain::AbortedBy::Reaper) => pb::AbortedBy::Reaper,
+        None => pb::AbortedBy::Unspecified,
+    };
+    pb::Record {
+        namespace: record.namespace,
+        key: record.key,
+        state: state as i32,
+        attempt: record.attempt,
+        fingerprint: record.fingerprint,
+        downstream_key: record.downstream_key,
+        created_at: Some(timestamp(record.created_at)),
+        updated_at: Some(timestamp(record.updated_at)),
+        lease_expires_at: Some(timestamp(record.lease_expires_at)),
+        completed_at: record.completed_at.map(timestamp),
+        expires_at: Some(timestamp(record.expires_at)),
+        response: record.response.unwrap_or_default(),
+        response_code: record.response_code.unwrap_or_default(),
+        content_type: record.content_type.unwrap_or_default(),
+        abort_reason: record.abort_reason.unwrap_or_default(),
+        aborted_by: aborted_by as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
+    async fn begin(
+        &self,
+        request: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let started = Instant::now();
+        let deadline = grpc_timeout(request.metadata());
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        check_fingerprint(&message.fingerprint)?;
+        let limits = &self.limits;
+        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
+        let retention = duration_in(
+            "retention",
+            message.retention.as_ref(),
+            limits.default_retention,
+            limits.min_retention,
+            limits.max_retention,
+        )?;
+        let wait = duration_in(
+            "wait_timeout",
+            message.wait_timeout.as_ref(),
+            Duration::ZERO,
+            Duration::ZERO,
+            MAX_WAIT_TIMEOUT,
+        )?;
+        check_text("attempt_nonce", &message.attempt_nonce, MAX_NONCE_LEN, true)?;
+        let begin = domain::BeginRequest {
+            id,
+            fingerprint: message.fingerprint,
+            lease_ttl,
+            retention,
+            attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
+        };
+        let outcome = self
+            .begin_and_wait(&begin, wait_until(started, wait, deadline))
+            .await?;
+        Ok(Response::new(encode_begin(outcome)))
+    }
+
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        check_lease_token(&message.lease_token)?;
+        if message.response.len() > self.limits.max_response_bytes {
+            return Err(Error::invalid(
+                "response",
+                format!(
+                    "response is longer than {} bytes",
+                    self.limits.max_response_bytes
+                ),
+            )
+            .into());
+        }
+        check_text(
+            "content_type",
+            &message.content_type,
+            MAX_CONTENT_TYPE_LEN,
+            true,
+        )?;
+        let completion = self
+            .store
+            .complete(&CompleteRequest {
+                id,
+                lease_token: message.lease_token,
+                response: message.response,
+                response_code: message.response_code,
+                content_type: message.content_type,
+            })
+            .await?;
+        Ok(Response::new(pb::CompleteResponse {
+            completed_at: Some(timestamp(completion.completed_at)),
+            expires_at: Some(timestamp(completion.expires_at)),
+        }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        check_lease_token(&message.lease_token)?;
+        check_text("reason", &message.reason, MAX_REASON_LEN, false)?;
+        if message.reason.contains('\0') {
+            return Err(Error::invalid("reason", "reason contains a NUL character").into());
+        }
+        self.store
+            .abort(&id, &message.lease_token, &message.reason)
+            .await?;
+        Ok(Response::new(pb::AbortResponse {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        check_lease_token(&message.lease_token)?;
+        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
+        let lease_expires_at = self
+            .store
+            .heartbeat(&id, &message.lease_token, lease_ttl)
+            .await?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            lease_expires_at: Some(timestamp(lease_expires_at)),
+        }))
+    }
+
+    async fn lookup(
+        &self,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Response<pb::LookupResponse>, Status> {
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        let record = self.store.lookup(&id).await?;
+        Ok(Response::new(pb::LookupResponse {
+            record: Some(encode_record(record)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(seconds: i64, nanos: i32) -> prost_types::Duration {
+        prost_types::Duration { seconds, nanos }
+    }
+
+    #[test]
+    fn durations_are_checked() {
+        assert_eq!(
+            parse_duration("x", &d(1, 500)).ok(),
+            Some(Duration::new(1, 500))
+        );
+        assert!(parse_duration("x", &d(1, -1)).is_err());
+        assert!(parse_duration("x", &d(-1, 1)).is_err());
+        assert!(parse_duration("x", &d(0, 1_000_000_000)).is_err());
+        assert!(parse_duration("x", &d(-5, 0)).is_err());
+        assert!(parse_duration("x", &d(i64::MAX, 0)).is_err());
+        let limits = Duration::from_secs(1)..=Duration::from_secs(10);
+        assert!(
+            duration_in(
+                "x",
+                Some(&d(0, 0)),
+                Duration::from_secs(5),
+                *limits.start(),
+                *limits.end()
+            )
+            .is_err()
+        );
+        assert_eq!(
+            duration_in(
+                "x",
+                None,
+                Duration::from_secs(5),
+                *limits.start(),
+                *limits.end()
+            )
+            .ok(),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("grpc-timeout", "1500m".parse().expect("ascii"));
+        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_millis(1500)));
+        metadata.insert("grpc-timeout", "2S".parse().expect("ascii"));
+        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_secs(2)));
+        metadata.insert("grpc-timeout", "bogus".parse().expect("ascii"));
+        assert_eq!(grpc_timeout(&metadata), None);
+    }
+
+    #[test]
+    fn wait_ends_before_the_deadline() {
+        let start = Instant::now();
+        assert_eq!(wait_until(start, Duration::ZERO, None), None);
+        assert_eq!(
+            wait_until(start, Duration::from_secs(5), None),
+            Some(start + Duration::from_secs(5))
+        );
+        let until =
+            wait_until(start, Duration::from_secs(5), Some(Duration::from_secs(1))).expect("waits");
+        assert!(
+            until < start + Duration::from_secs(1) && until >= start + Duration::from_millis(900)
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The `Store` trait: every state transition of a record, each one atomic
+//! statement (or one short transaction) keyed by `(namespace, key)`.
+//!
+//! Implementations: [`postgres::PgStore`] (production; the database's clock
+//! rules leases and expiry) and [`sqlite::SqliteStore`] (the embedded
+//! default; this process's clock). The service above never decides a
+//! transition: it validates, calls one method and encodes the result.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::domain::{
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId,
+    Timestamp, Verdict,
+};
+use crate::error::{Error, Result};
+
+/// How many times Begin re-runs its acquisition when the record changes
+/// between the statement and the read of what won (abort, expiry, purge).
+/// Each retry means another transition happened meanwhile, so this bound is
+/// only reached under pathological churn.
+pub const BEGIN_ROUNDS: usize = 8;
+
+/// Rows per batch for the reaper and the purger.
+pub const MAINTENANCE_BATCH: i64 = 500;
+
+pub trait Store: Send + Sync + Clone + 'static {
+    /// Begin's table in one atomic acquisition: acquires (creating,
+    /// re-acquiring after an abort, taking over an expired lease), or reports
+    /// the stored response, the live holder, or a fingerprint mismatch.
+    /// Never waits: waiting is the service's job.
+    fn begin(&self, request: &BeginRequest) -> impl Future<Output = Result<BeginOutcome>> + Send;
+
+    /// Stores the response and COMPLETED in one statement when the token
+    /// holds the live lease; a repeat by the same token answers the original
+    /// timestamps. Wakes the key's waiters.
+    fn complete(
+        &self,
+        request: &CompleteRequest,
+    ) -> impl Future<Output = Result<Completion>> + Send;
+
+    /// IN_PROGRESS → ABORTED (by the caller) when the token holds the live
+    /// lease; a repeat by the same token is OK. Wakes the key's waiters.
+    fn abort(
+        &self,
+        id: &RecordId,
+        lease_token: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Extends a live lease to now + `lease_ttl`; returns the new expiry.
+    fn heartbeat(
+        &self,
+        id: &RecordId,
+        lease_token: &str,
+        lease_ttl: Duration,
+    ) -> impl Future<Output = Result<Timestamp>> + Send;
+
+    /// Reads a live record.
+    fn lookup(&self, id: &RecordId) -> impl Future<Output = Result<Record>> + Send;
+
+    /// Aborts up to `limit` IN_PROGRESS records whose lease expired, safe
+    /// with every replica doing it at once. Wakes their waiters.
+    fn reap_expired_leases(
+        &self,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<ReapedLease>>> + Send;
+
+    /// Deletes up to `limit` records past their `expires_at`.
+    fn purge_expired(&self, limit: i64) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Answers when the database answers: drives readiness.
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Closes the pool after the server has drained.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// The loop both stores share: try the atomic acquisition; if it did not
+/// acquire, read what holds the record and apply Begin's table to it. A read
+/// that finds the record gone, aborted or expired means a transition happened
+/// in between, so the acquisition is attempted again.
+pub(crate) async fn begin_rounds<A, AFut, R, RFut>(
+    request: &BeginRequest,
+    mut try_acquire: A,
+    mut read_current: R,
+) -> Result<BeginOutcome>
+where
+    A: FnMut() -> AFut,
+    AFut: Future<Output = Result<Option<BeginOutcome>>>,
+    R: FnMut() -> RFut,
+    RFut: Future<Output = Result<Option<crate::domain::CurrentRecord>>>,
+{
+    for _ in 0..BEGIN_ROUNDS {
+        if let Some(acquired) = try_acquire().await? {
+            return Ok(acquired);
+        }
+        let Some(current) = read_current().await? else {
+            continue;
+        };
+        match current.verdict(request) {
+            Verdict::Outcome(outcome) => return Ok(outcome),
+            Verdict::Mismatch => return Err(Error::FingerprintMismatch),
+            Verdict::TryAgain => continue,
+        }
+    }
+    Err(Error::Contention("the record kept changing during Begin"))
+}
+
+/// Reads the state, lease token and timestamps of a record that a
+/// Complete, Abort or Heartbeat statement did not change, to say why.
+#[derive(Debug)]
+pub(crate) struct TokenCheck {
+    pub state: crate::domain::State,
+    pub lease_token: String,
+    pub aborted_by: Option<crate::domain::AbortedBy>,
+    pub completed_at: Option<Timestamp>,
+    pub expires_at: Timestamp,
+}
+
+impl TokenCheck {
+    /// A Complete that changed nothing: OK again for the token that completed
+    /// the record, LEASE_LOST for anyone else.
+    pub fn repeated_complete(self, token: &str) -> Result<Completion> {
+        match (self.state, self.completed_at) {
+            (crate::domain::State::Completed, Some(completed_at)) if self.lease_token == token => {
+                Ok(Completion {
+                    completed_at,
+                    expires_at: self.expires_at,
+                })
+            }
+            _ => Err(Error::LeaseLost),
+        }
+    }
+
+    /// An Abort that changed nothing: OK again for the token whose caller
+    /// aborted it, LEASE_LOST otherwise (including a reaper's abort).
+    pub fn repeated_abort(self, token: &str) -> Result<()> {
+        if self.state == crate::domain::State::Aborted
+            && self.aborted_by == Some(crate::domain::AbortedBy::Caller)
+            && self.lease_token == token
+        {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost)
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The production store. Every transition is one statement keyed by
+//! `(namespace, key)`, timed by Postgres's own `now()` so replicas with
+//! skewed clocks agree. Complete, Abort and the reaper `NOTIFY` the key in the
+//! same statement; every replica's listener relays it to its waiters.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Row};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Store, TokenCheck, begin_rounds};
+use crate::config::DatabaseConfig;
+use crate::domain::{
+    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease,
+    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key,
+    new_lease_token,
+};
+use crate::error::{Error, Result};
+use crate::wakeups::Wakeups;
+
+/// The NOTIFY channel; the payload is `namespace/key`.
+pub const WAKE_CHANNEL: &str = "idemd_wake";
+
+/// How long a call waits for a pooled connection before answering
+/// UNAVAILABLE: an outage must fail calls fast, not queue them.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    /// One long-lived connection for LISTEN, outside the request pool so
+    /// it never takes a slot from calls.
+    listen_pool: PgPool,
+}
+
+impl PgStore {
+    /// Builds the pools. Connections are opened on demand, so a database
+    /// that is down at start-up surfaces as an error of the first use.
+    pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self> {
+        let options = PgConnectOptions::from_str(config.database_url.expose())
+            .map_err(Error::StoreUnavailable)?
+            .application_name("idemd")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.db_max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(options);
+        Ok(PgStore { pool, listen_pool })
+    }
+
+    /// Applies pending migrations; concurrent replicas serialise on sqlx's
+    /// advisory lock.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Relays NOTIFYs from every replica to this replica's waiters until
+    /// shutdown. After any gap in listening it wakes every waiter, so a
+    /// notification lost meanwhile costs a re-check, never a stuck waiter.
+    pub fn spawn_wakeup_listener(
+        &self,
+        wakeups: Arc<Wakeups>,
+        shutdown: CancellationToken,
+    ) -> JoinHandle<()> {
+        let pool = self.listen_pool.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while !shutdown.is_cancelled() {
+                match listen_until_error(&pool, &wakeups, &shutdown).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "wake-up listener lost its connection; reconnecting");
+                        wakeups.wake_all();
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        })
+    }
+}
+
+async fn listen_until_error(
+    pool: &PgPool,
+    wakeups: &Wakeups,
+    shutdown: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(WAKE_CHANNEL).await?;
+    // Anything that finished while we were not listening.
+    wakeups.wake_all();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            notification = listener.try_recv() => match notification? {
+                Some(notification) => wakeups.wake_topic(notification.payload()),
+                // The connection dropped; the next try_recv reconnects and re-listens.
+                None => wakeups.wake_all(),
+            },
+        }
+    }
+}
+
+const BEGIN_ACQUIRE: &str = r#"
+INSERT INTO idemd_records AS r
+    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+VALUES ($1, $2, 1, 1, $3, $6, $7, $8, $5, now(), now(),
+        now() + $4::bigint * interval '1 microsecond',
+        now() + greatest($4::bigint, $5::bigint) * interval '1 microsecond')
+ON CONFLICT (namespace, key) DO UPDATE SET
+    attempt          = CASE WHEN r.expires_at <= now() THEN 1 ELSE r.attempt + 1 END,
+    downstream_key   = CASE WHEN r.expires_at <= now() THEN EXCLUDED.downstream_key ELSE r.downstream_key END,
+    created_at       = CASE WHEN r.expires_at <= now() THEN now() ELSE r.created_at END,
+    expires_at       = CASE WHEN r.expires_at <= now() THEN EXCLUDED.expires_at
+                            ELSE greatest(r.expires_at, EXCLUDED.expires_at) END,
+    fingerprint      = EXCLUDED.fingerprint,
+    state            = 1,
+    lease_token      = EXCLUDED.lease_token,
+    attempt_nonce    = EXCLUDED.attempt_nonce,
+    retention_us     = EXCLUDED.retention_us,
+    updated_at       = now(),
+    lease_expires_at = EXCLUDED.lease_expires_at,
+    completed_at = NULL, response = NULL, response_code = NULL, content_type = NULL,
+    abort_reason = NULL, aborted_by = NULL
+WHERE r.expires_at <= now()
+   OR (r.fingerprint = EXCLUDED.fingerprint
+       AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
+RETURNING attempt, lease_expires_at, downstream_key
+"#;
+
+const BEGIN_READ: &str = r#"
+SELECT state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce, lease_expires_at,
+       response, response_code, content_type, completed_at, expires_at, now() AS now
+FROM idemd_records
+WHERE namespace = $1 AND key = $2 AND expires_at > now()
+"#;
+
+const COMPLETE: &str = r#"
+WITH done AS (
+    UPDATE idemd_records
+    SET state = 2, response = $4, response_code = $5, content_type = $6,
+        completed_at = now(), updated_at = now(),
+        expires_at = now() + retention_us * interval '1 microsecond'
+    WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
+      AND lease_expires_at > now() AND expires_at > now()
+    RETURNING namespace, key, completed_at, expires_at
+)
+SELECT completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+FROM done
+"#;
+
+const ABORT: &str = r#"
+WITH aborted AS (
+    UPDATE idemd_records
+    SET state = 3, aborted_by = 1, abort_reason = $4, updated_at = now()
+    WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
+      AND lease_expires_at > now() AND expires_at > now()
+    RETURNING namespace, key
+)
+SELECT pg_notify('idemd_wake', namespace || '/' || key)::text AS notified FROM aborted
+"#;
+
+const HEARTBEAT: &str = r#"
+UPDATE idemd_records
+SET lease_expires_at = now() + $4::bigint * interval '1 microsecond',
+    expires_at = greatest(expires_at,
+                          now() + retention_us * interval '1 microsecond',
+                          now() + $4::bigint * interval '1 microsecond'),
+    updated_at = now()
+WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
+  AND lease_expires_at > now() AND expires_at > now()
+RETURNING lease_expires_at
+"#;
+
+const TOKEN_CHECK: &str = r#"
+SELECT state, lease_token, aborted_by, completed_at, expires_at
+FROM idemd_records
+WHERE namespace = $1 AND key = $2 AND expires_at > now()
+"#;
+
+const LOOKUP: &str = r#"
+SELECT namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at,
+       lease_expires_at, completed_at, expires_at, response, response_code, content_type,
+       abort_reason, aborted_by
+FROM idemd_records
+WHERE namespace = $1 AND key = $2 AND expires_at > now()
+"#;
+
+const REAP: &str = r#"
+WITH due AS (
+    SELECT namespace, key FROM idemd_records
+    WHERE state = 1 AND lease_expires_at <= now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE idemd_records r
+    SET state = 3, aborted_by = 2, abort_reason = 'lease expired', updated_at = now()
+    FROM due
+    WHERE r.namespace = due.namespace AND r.key = due.key
+      AND r.state = 1 AND r.lease_expires_at <= now()
+    RETURNING r.namespace, r.key, r.attempt
+)
+SELECT namespace, key, attempt, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+FROM reaped
+"#;
+
+const PURGE: &str = r#"
+WITH due AS (
+    SELECT namespace, key FROM idemd_records
+    WHERE expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM idemd_records r
+USING due
+WHERE r.namespace = due.namespace AND r.key = due.key AND r.expires_at <= now()
+"#;
+
+fn attempt_of(row: &PgRow) -> Result<u32> {
+    let attempt: i32 = row.try_get("attempt")?;
+    u32::try_from(attempt).map_err(|_| Error::Internal(format!("negative attempt {attempt}")))
+}
+
+fn state_of(row: &PgRow) -> Result<State> {
+    State::from_code(i64::from(row.try_get::<i16, _>("state")?))
+}
+
+fn aborted_by_of(row: &PgRow) -> Result<Option<AbortedBy>> {
+    Ok(AbortedBy::from_code(
+        row.try_get::<Option<i16>, _>("aborted_by")?.map(i64::from),
+    ))
+}
+
+fn token_check(row: &PgRow) -> Result<TokenCheck> {
+    Ok(TokenCheck {
+        state: state_of(row)?,
+        lease_token: row.try_get("lease_token")?,
+        aborted_by: aborted_by_of(row)?,
+        completed_at: row.try_get("completed_at")?,
+        expires_at: row.try_get("expires_at")?,
+    })
+}
+
+impl PgStore {
+    async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
+        let row = sqlx::query(TOKEN_CHECK)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_check).transpose()
+    }
+}
+
+impl Store for PgStore {
+    async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
+        let id = &request.id;
+        let acquire = || async {
+            let token = new_lease_token();
+            let row = sqlx::query(BEGIN_ACQUIRE)
+                .bind(id.namespace.as_str())
+                .bind(id.key.as_str())
+                .bind(request.fingerprint.as_slice())
+                .bind(micros(request.lease_ttl))
+                .bind(micros(request.retention))
+                .bind(new_downstream_key())
+                .bind(token.as_str())
+                .bind(request.attempt_nonce.as_deref())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|row| {
+                Ok(BeginOutcome::Acquired(Lease {
+                    lease_token: token,
+                    attempt: attempt_of(&row)?,
+                    lease_expires_at: row.try_get("lease_expires_at")?,
+                    downstream_key: row.try_get("downstream_key")?,
+                }))
+            })
+            .transpose()
+        };
+        let read = || async {
+            let row = sqlx::query(BEGIN_READ)
+                .bind(id.namespace.as_str())
+                .bind(id.key.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|row| current_record(&row)).transpose()
+        };
+        begin_rounds(request, acquire, read).await
+    }
+
+    async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
+        let id = &request.id;
+        let row = sqlx::query(COMPLETE)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(request.lease_token.as_str())
+            .bind(request.response.as_slice())
+            .bind(request.response_code)
+            .bind(request.content_type.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Completion {
+                completed_at: row.try_get("completed_at")?,
+                expires_at: row.try_get("expires_at")?,
+            });
+        }
+        match self.token_check(id).await? {
+            Some(check) => check.repeated_complete(&request.lease_token),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
+        let row = sqlx::query(ABORT)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(lease_token)
+            .bind(reason)
+            .fetch_optional(&self.pool)
+            .await?;
+        if row.is_some() {
+            return Ok(());
+        }
+        match self.token_check(id).await? {
+            Some(check) => check.repeated_abort(lease_token),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        lease_token: &str,
+        lease_ttl: Duration,
+    ) -> Result<Timestamp> {
+        let row = sqlx::query(HEARTBEAT)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(lease_token)
+            .bind(micros(lease_ttl))
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(row.try_get("lease_expires_at")?);
+        }
+        match self.token_check(id).await? {
+            Some(_) => Err(Error::LeaseLost),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Record> {
+        let row = sqlx::query(LOOKUP)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound)?;
+        Ok(Record {
+            namespace: row.try_get("namespace")?,
+            key: row.try_get("key")?,
+            state: state_of(&row)?,
+            attempt: attempt_of(&row)?,
+            fingerprint: row.try_get("fingerprint")?,
+            downstream_key: row.try_get("downstream_key")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            lease_expires_at: row.try_get("lease_expires_at")?,
+            completed_at: row.try_get("completed_at")?,
+            expires_at: row.try_get("expires_at")?,
+            response: row.try_get("response")?,
+            response_code: row.try_get("response_code")?,
+            content_type: row.try_get("content_type")?,
+            abort_reason: row.try_get("abort_reason")?,
+            aborted_by: aborted_by_of(&row)?,
+        })
+    }
+
+    async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
+        let rows = sqlx::query(REAP).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ReapedLease {
+                    namespace: row.try_get("namespace")?,
+                    key: row.try_get("key")?,
+                    attempt: attempt_of(row)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_expired(&self, limit: i64) -> Result<u64> {
+        Ok(sqlx::query(PURGE)
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+        self.listen_pool.close().await;
+    }
+}
+
+fn current_record(row: &PgRow) -> Result<CurrentRecord> {
+    let state = state_of(row)?;
+    let attempt = attempt_of(row)?;
+    let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {
+        (State::Completed, Some(response)) => Some(StoredResponse {
+            response,
+            response_code: row.try_get::<Option<i32>, _>("response_code")?.unwrap_or(0),
+            content_type: row
+                .try_get::<Option<String>, _>("content_type")?
+                .unwrap_or_default(),
+            completed_at: row
+                .try_get::<Option<Timestamp>, _>("completed_at")?
+                .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
+            expires_at: row.try_get("expires_at")?,
+            attempt,
+        }),
+        _ => None,
+    };
+    Ok(CurrentRecord {
+        state,
+        attempt,
+        fingerprint: row.try_get("fingerprint")?,
+        downstream_key: row.try_get("downstream_key")?,
+        lease_token: row.try_get("lease_token")?,
+        attempt_nonce: row.try_get("attempt_nonce")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        stored,
+        now: row.try_get("now")?,
+    })
+}

@@ -1,0 +1,422 @@
+//! The embedded store (the default without a Postgres URL): one SQLite file
+//! in WAL mode for a laptop, a demo or one small instance. Same transitions
+//! as Postgres, each one statement; time is this process's clock, passed in
+//! as microseconds since the Unix epoch. Waiters are woken in-process.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row};
+
+use super::{Store, TokenCheck, begin_rounds};
+use crate::config::DatabaseConfig;
+use crate::domain::{
+    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease,
+    REAPER_REASON, ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros,
+    new_downstream_key, new_lease_token,
+};
+use crate::error::{Error, Result};
+use crate::wakeups::Wakeups;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Writers queue on SQLite's single write lock for at most this long.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    wakeups: Arc<Wakeups>,
+}
+
+fn now_us() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+fn ts(us: i64) -> Result<Timestamp> {
+    DateTime::<Utc>::from_timestamp_micros(us)
+        .ok_or_else(|| Error::Internal(format!("timestamp {us} out of range")))
+}
+
+impl SqliteStore {
+    pub async fn connect(config: &DatabaseConfig, wakeups: Arc<Wakeups>) -> Result<Self> {
+        let url = config.database_url.expose();
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(Error::StoreUnavailable)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit acknowledged to a caller survives a power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .log_statements(tracing::log::LevelFilter::Trace);
+        let mut pool = SqlitePoolOptions::new().max_connections(config.db_max_connections);
+        if in_memory {
+            // Each connection to :memory: is its own database: keep exactly one, forever.
+            pool = pool
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None);
+        }
+        let pool = pool.connect_with(options).await?;
+        Ok(SqliteStore { pool, wakeups })
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
+        let row = sqlx::query(TOKEN_CHECK)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(now_us())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_check).transpose()
+    }
+}
+
+// ?9 is now in every statement that needs it.
+const BEGIN_ACQUIRE: &str = r#"
+INSERT INTO idemd_records
+    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+VALUES (?1, ?2, 1, 1, ?3, ?6, ?7, ?8, ?5, ?9, ?9, ?9 + ?4, ?9 + max(?4, ?5))
+ON CONFLICT (namespace, key) DO UPDATE SET
+    attempt          = CASE WHEN idemd_records.expires_at <= ?9 THEN 1 ELSE idemd_records.attempt + 1 END,
+    downstream_key   = CASE WHEN idemd_records.expires_at <= ?9 THEN excluded.downstream_key
+                            ELSE idemd_records.downstream_key END,
+    created_at       = CASE WHEN idemd_records.expires_at <= ?9 THEN ?9 ELSE idemd_records.created_at END,
+    expires_at       = CASE WHEN idemd_records.expires_at <= ?9 THEN excluded.expires_at
+                            ELSE max(idemd_records.expires_at, excluded.expires_at) END,
+    fingerprint      = excluded.fingerprint,
+    state            = 1,
+    lease_token      = excluded.lease_token,
+    attempt_nonce    = excluded.attempt_nonce,
+    retention_us     = excluded.retention_us,
+    updated_at       = ?9,
+    lease_expires_at = excluded.lease_expires_at,
+    completed_at = NULL, response = NULL, response_code = NULL, content_type = NULL,
+    abort_reason = NULL, aborted_by = NULL
+WHERE idemd_records.expires_at <= ?9
+   OR (idemd_records.fingerprint = excluded.fingerprint
+       AND (idemd_records.state = 3 OR (idemd_records.state = 1 AND idemd_records.lease_expires_at <= ?9)))
+RETURNING attempt, lease_expires_at, downstream_key
+"#;
+
+const BEGIN_READ: &str = r#"
+SELECT state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce, lease_expires_at,
+       response, response_code, content_type, completed_at, expires_at
+FROM idemd_records
+WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+"#;
+
+const COMPLETE: &str = r#"
+UPDATE idemd_records
+SET state = 2, response = ?4, response_code = ?5, content_type = ?6,
+    completed_at = ?7, updated_at = ?7, expires_at = ?7 + retention_us
+WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
+  AND lease_expires_at > ?7 AND expires_at > ?7
+RETURNING completed_at, expires_at
+"#;
+
+const ABORT: &str = r#"
+UPDATE idemd_records
+SET state = 3, aborted_by = 1, abort_reason = ?4, updated_at = ?5
+WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
+  AND lease_expires_at > ?5 AND expires_at > ?5
+RETURNING attempt
+"#;
+
+const HEARTBEAT: &str = r#"
+UPDATE idemd_records
+SET lease_expires_at = ?5 + ?4,
+    expires_at = max(expires_at, ?5 + retention_us, ?5 + ?4),
+    updated_at = ?5
+WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
+  AND lease_expires_at > ?5 AND expires_at > ?5
+RETURNING lease_expires_at
+"#;
+
+const TOKEN_CHECK: &str = r#"
+SELECT state, lease_token, aborted_by, completed_at, expires_at
+FROM idemd_records
+WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+"#;
+
+const LOOKUP: &str = r#"
+SELECT namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at,
+       lease_expires_at, completed_at, expires_at, response, response_code, content_type,
+       abort_reason, aborted_by
+FROM idemd_records
+WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+"#;
+
+// One statement: SQLite has a single writer, so the batch cannot race
+// another reaper; the re-check in WHERE keeps a concurrent takeover safe.
+const REAP: &str = r#"
+UPDATE idemd_records
+SET state = 3, aborted_by = 2, abort_reason = ?3, updated_at = ?1
+WHERE state = 1 AND lease_expires_at <= ?1
+  AND rowid IN (SELECT rowid FROM idemd_records
+                WHERE state = 1 AND lease_expires_at <= ?1
+                ORDER BY lease_expires_at LIMIT ?2)
+RETURNING namespace, key, attempt
+"#;
+
+const PURGE: &str = r#"
+DELETE FROM idemd_records
+WHERE expires_at <= ?1
+  AND rowid IN (SELECT rowid FROM idemd_records WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)
+"#;
+
+fn attempt_of(row: &SqliteRow) -> Result<u32> {
+    let attempt: i64 = row.try_get("attempt")?;
+    u32::try_from(attempt).map_err(|_| Error::Internal(format!("attempt {attempt} out of range")))
+}
+
+fn state_of(row: &SqliteRow) -> Result<State> {
+    State::from_code(row.try_get("state")?)
+}
+
+fn ts_of(row: &SqliteRow, column: &str) -> Result<Timestamp> {
+    ts(row.try_get(column)?)
+}
+
+fn opt_ts_of(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>> {
+    row.try_get::<Option<i64>, _>(column)?.map(ts).transpose()
+}
+
+fn opt_i32_of(row: &SqliteRow, column: &str) -> Result<Option<i32>> {
+    row.try_get::<Option<i64>, _>(column)?
+        .map(|v| {
+            i32::try_from(v).map_err(|_| Error::Internal(format!("{column} {v} out of range")))
+        })
+        .transpose()
+}
+
+fn token_check(row: &SqliteRow) -> Result<TokenCheck> {
+    Ok(TokenCheck {
+        state: state_of(row)?,
+        lease_token: row.try_get("lease_token")?,
+        aborted_by: AbortedBy::from_code(row.try_get("aborted_by")?),
+        completed_at: opt_ts_of(row, "completed_at")?,
+        expires_at: ts_of(row, "expires_at")?,
+    })
+}
+
+fn current_record(row: &SqliteRow, now: i64) -> Result<CurrentRecord> {
+    let state = state_of(row)?;
+    let attempt = attempt_of(row)?;
+    let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {
+        (State::Completed, Some(response)) => Some(StoredResponse {
+            response,
+            response_code: opt_i32_of(row, "response_code")?.unwrap_or(0),
+            content_type: row
+                .try_get::<Option<String>, _>("content_type")?
+                .unwrap_or_default(),
+            completed_at: opt_ts_of(row, "completed_at")?
+                .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
+            expires_at: ts_of(row, "expires_at")?,
+            attempt,
+        }),
+        _ => None,
+    };
+    Ok(CurrentRecord {
+        state,
+        attempt,
+        fingerprint: row.try_get("fingerprint")?,
+        downstream_key: row.try_get("downstream_key")?,
+        lease_token: row.try_get("lease_token")?,
+        attempt_nonce: row.try_get("attempt_nonce")?,
+        lease_expires_at: ts_of(row, "lease_expires_at")?,
+        stored,
+        now: ts(now)?,
+    })
+}
+
+impl Store for SqliteStore {
+    async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
+        let id = &request.id;
+        let acquire = || async {
+            let token = new_lease_token();
+            let row = sqlx::query(BEGIN_ACQUIRE)
+                .bind(id.namespace.as_str())
+                .bind(id.key.as_str())
+                .bind(request.fingerprint.as_slice())
+                .bind(micros(request.lease_ttl))
+                .bind(micros(request.retention))
+                .bind(new_downstream_key())
+                .bind(token.as_str())
+                .bind(request.attempt_nonce.as_deref())
+                .bind(now_us())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|row| {
+                Ok(BeginOutcome::Acquired(Lease {
+                    lease_token: token,
+                    attempt: attempt_of(&row)?,
+                    lease_expires_at: ts_of(&row, "lease_expires_at")?,
+                    downstream_key: row.try_get("downstream_key")?,
+                }))
+            })
+            .transpose()
+        };
+        let read = || async {
+            let now = now_us();
+            let row = sqlx::query(BEGIN_READ)
+                .bind(id.namespace.as_str())
+                .bind(id.key.as_str())
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|row| current_record(&row, now)).transpose()
+        };
+        begin_rounds(request, acquire, read).await
+    }
+
+    async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
+        let id = &request.id;
+        let row = sqlx::query(COMPLETE)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(request.lease_token.as_str())
+            .bind(request.response.as_slice())
+            .bind(request.response_code)
+            .bind(request.content_type.as_str())
+            .bind(now_us())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            self.wakeups.wake(id);
+            return Ok(Completion {
+                completed_at: ts_of(&row, "completed_at")?,
+                expires_at: ts_of(&row, "expires_at")?,
+            });
+        }
+        match self.token_check(id).await? {
+            Some(check) => check.repeated_complete(&request.lease_token),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
+        let row = sqlx::query(ABORT)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(lease_token)
+            .bind(reason)
+            .bind(now_us())
+            .fetch_optional(&self.pool)
+            .await?;
+        if row.is_some() {
+            self.wakeups.wake(id);
+            return Ok(());
+        }
+        match self.token_check(id).await? {
+            Some(check) => check.repeated_abort(lease_token),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &RecordId,
+        lease_token: &str,
+        lease_ttl: Duration,
+    ) -> Result<Timestamp> {
+        let row = sqlx::query(HEARTBEAT)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(lease_token)
+            .bind(micros(lease_ttl))
+            .bind(now_us())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return ts_of(&row, "lease_expires_at");
+        }
+        match self.token_check(id).await? {
+            Some(_) => Err(Error::LeaseLost),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    async fn lookup(&self, id: &RecordId) -> Result<Record> {
+        let row = sqlx::query(LOOKUP)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(now_us())
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(Error::NotFound)?;
+        Ok(Record {
+            namespace: row.try_get("namespace")?,
+            key: row.try_get("key")?,
+            state: state_of(&row)?,
+            attempt: attempt_of(&row)?,
+            fingerprint: row.try_get("fingerprint")?,
+            downstream_key: row.try_get("downstream_key")?,
+            created_at: ts_of(&row, "created_at")?,
+            updated_at: ts_of(&row, "updated_at")?,
+            lease_expires_at: ts_of(&row, "lease_expires_at")?,
+            completed_at: opt_ts_of(&row, "completed_at")?,
+            expires_at: ts_of(&row, "expires_at")?,
+            response: row.try_get("response")?,
+            response_code: opt_i32_of(&row, "response_code")?,
+            content_type: row.try_get("content_type")?,
+            abort_reason: row.try_get("abort_reason")?,
+            aborted_by: AbortedBy::from_code(row.try_get("aborted_by")?),
+        })
+    }
+
+    async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
+        let rows = sqlx::query(REAP)
+            .bind(now_us())
+            .bind(limit)
+            .bind(REAPER_REASON)
+            .fetch_all(&self.pool)
+            .await?;
+        let reaped = rows
+            .iter()
+            .map(|row| {
+                Ok(ReapedLease {
+                    namespace: row.try_get("namespace")?,
+                    key: row.try_get("key")?,
+                    attempt: attempt_of(row)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for lease in &reaped {
+            self.wakeups
+                .wake_topic(&format!("{}/{}", lease.namespace, lease.key));
+        }
+        Ok(reaped)
+    }
+
+    async fn purge_expired(&self, limit: i64) -> Result<u64> {
+        Ok(sqlx::query(PURGE)
+            .bind(now_us())
+            .bind(limit)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
