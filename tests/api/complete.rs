@@ -1,0 +1,145 @@
+//! Every rule of Complete.
+
+use std::time::Duration;
+
+use idemd::pb::{self, begin_response::Outcome};
+use tonic::Code;
+
+use crate::helpers::*;
+
+async fn complete_stores_the_outcome(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let acquired = app.acquire(begin_req("k")).await;
+    let done = app
+        .complete("k", &acquired.lease_token, b"{\"charge\":\"ch_1\"}")
+        .await
+        .expect("complete");
+    let record = app.lookup("k").await.expect("lookup");
+    assert_eq!(record.state, pb::State::Completed as i32);
+    assert_eq!(record.response, b"{\"charge\":\"ch_1\"}");
+    assert_eq!(record.response_code, 200);
+    assert_eq!(record.content_type, "application/json");
+    assert_eq!(record.completed_at, done.completed_at);
+    assert_eq!(record.expires_at, done.expires_at);
+    // expires_at = completed_at + retention (24 h by default).
+    let retained = to_chrono(done.expires_at) - to_chrono(done.completed_at);
+    assert_eq!(retained, chrono::Duration::hours(24));
+}
+
+async fn retried_complete_is_ok_and_changes_nothing(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let acquired = app.acquire(begin_req("k")).await;
+    let first = app
+        .complete("k", &acquired.lease_token, b"first")
+        .await
+        .expect("complete");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = app
+        .complete("k", &acquired.lease_token, b"second")
+        .await
+        .expect("retried complete");
+    assert_eq!(again, first, "the reply carries the original timestamps");
+    let record = app.lookup("k").await.expect("lookup");
+    assert_eq!(record.response, b"first");
+}
+
+async fn complete_after_another_attempt_took_over_is_lease_lost(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let first = app.acquire(begin_req("k")).await;
+    app.abort("k", &first.lease_token, "retry")
+        .await
+        .expect("abort");
+    let second = app.acquire(begin_req("k")).await;
+    let status = app
+        .complete("k", &first.lease_token, b"stale")
+        .await
+        .expect_err("stale token");
+    assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
+    // Nothing changed: the new holder still completes.
+    app.complete("k", &second.lease_token, b"ok")
+        .await
+        .expect("complete");
+}
+
+async fn complete_of_an_aborted_record_is_lease_lost(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let acquired = app.acquire(begin_req("k")).await;
+    app.abort("k", &acquired.lease_token, "retry")
+        .await
+        .expect("abort");
+    let status = app
+        .complete("k", &acquired.lease_token, b"x")
+        .await
+        .expect_err("aborted");
+    assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
+    assert_eq!(
+        app.lookup("k").await.expect("lookup").state,
+        pb::State::Aborted as i32
+    );
+}
+
+async fn complete_after_the_lease_expired_is_lease_lost(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.reaper_interval = Duration::from_secs(3600)).await;
+    let mut request = begin_req("k");
+    request.lease_ttl = secs(1);
+    let acquired = app.acquire(request).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let status = app
+        .complete("k", &acquired.lease_token, b"late")
+        .await
+        .expect_err("expired");
+    assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
+    assert_eq!(
+        app.lookup("k").await.expect("lookup").state,
+        pb::State::InProgress as i32
+    );
+}
+
+async fn complete_with_a_foreign_token_is_lease_lost(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.acquire(begin_req("k")).await;
+    let other = app.acquire(begin_req("other")).await;
+    let status = app
+        .complete("k", &other.lease_token, b"x")
+        .await
+        .expect_err("foreign");
+    assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
+    let status = app
+        .complete("k", "lt_forged", b"x")
+        .await
+        .expect_err("forged");
+    assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
+}
+
+async fn complete_of_an_absent_record_is_not_found(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let status = app
+        .complete("nope", "lt_x", b"x")
+        .await
+        .expect_err("absent");
+    assert_error(&status, Code::NotFound, "NOT_FOUND");
+}
+
+async fn largest_response_is_accepted(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let acquired = app.acquire(begin_req("big")).await;
+    let payload = vec![7u8; 1_048_576];
+    app.complete("big", &acquired.lease_token, &payload)
+        .await
+        .expect("1 MiB is allowed");
+    let Outcome::Completed(replay) = app.begin(begin_req("big")).await.expect("begin") else {
+        panic!("expected a replay");
+    };
+    assert_eq!(replay.response, payload);
+}
+
+crate::both_stores!(
+    complete_stores_the_outcome,
+    retried_complete_is_ok_and_changes_nothing,
+    complete_after_another_attempt_took_over_is_lease_lost,
+    complete_of_an_aborted_record_is_lease_lost,
+    complete_after_the_lease_expired_is_lease_lost,
+    complete_with_a_foreign_token_is_lease_lost,
+    complete_of_an_absent_record_is_not_found,
+    largest_response_is_accepted,
+);

@@ -1,0 +1,386 @@
+//! Starting the real server for a test: a random port, a fresh database
+//! (an SQLite file in a temporary folder, or a new Postgres database on the
+//! cluster `scripts/test` started), and clients for it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use idemd::config::{DatabaseUrl, ServeConfig};
+use idemd::pb::idempotency_client::IdempotencyClient;
+use idemd::pb::{self, begin_response::Outcome};
+use sqlx::Connection;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
+
+pub const NS: &str = "payments";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The cluster `scripts/test` started; tests need it and say so loudly.
+pub fn admin_url() -> String {
+    std::env::var("IDEMD_TEST_DATABASE_URL")
+        .expect("IDEMD_TEST_DATABASE_URL is not set: run the tests with scripts/test")
+}
+
+/// Creates an empty Postgres database on the server at `admin` and returns its URL.
+pub async fn fresh_postgres_database(admin: &str) -> String {
+    let name = format!("idemd_{}", uuid::Uuid::new_v4().simple());
+    let mut connection = sqlx::PgConnection::connect(admin)
+        .await
+        .expect("connect to the test cluster");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut connection)
+        .await
+        .expect("create a test database");
+    let mut url = url::Url::parse(admin).expect("admin url");
+    url.set_path(&name);
+    url.to_string()
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: IdempotencyClient<Channel>,
+    pub database_url: String,
+    pub backend: Backend,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Settings every test starts from; a test overrides what it exercises.
+pub fn test_config(database_url: &str) -> ServeConfig {
+    let mut config = ServeConfig::defaults();
+    config.database.database_url = DatabaseUrl::new(database_url);
+    config.database.db_max_connections = 8;
+    config.reaper_interval = Duration::from_millis(200);
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let (database_url, dir) = match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            (
+                format!("sqlite://{}", dir.path().join("idemd.db").display()),
+                Some(dir),
+            )
+        }
+        Backend::Postgres => (fresh_postgres_database(&admin_url()).await, None),
+    };
+    let mut config = test_config(&database_url);
+    tweak(&mut config);
+    let mut app = spawn_on(config).await;
+    app.backend = backend;
+    app._dir = dir;
+    app
+}
+
+/// Starts a server with exactly this configuration (the database must exist).
+pub async fn spawn_on(config: ServeConfig) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let database_url = config.database.database_url.expose().to_string();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(idemd::server::run(config, listener, async {
+        let _ = rx.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    let app = TestApp {
+        addr,
+        client: IdempotencyClient::new(channel),
+        database_url,
+        backend: Backend::Sqlite,
+        shutdown: Some(tx),
+        handle: Some(handle),
+        _dir: None,
+    };
+    app.wait_for_readiness(ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+    app
+}
+
+impl TestApp {
+    pub fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect_lazy()
+    }
+
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel())
+    }
+
+    pub async fn readiness(&self) -> Option<ServingStatus> {
+        let response = self
+            .health()
+            .check(HealthCheckRequest {
+                service: pb::SERVICE_NAME.into(),
+            })
+            .await
+            .ok()?;
+        ServingStatus::try_from(response.into_inner().status).ok()
+    }
+
+    /// Polls readiness until it is `want`; panics after `deadline`.
+    pub async fn wait_for_readiness(&self, want: ServingStatus, deadline: Duration) {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            if self.readiness().await == Some(want) {
+                return;
+            }
+            if let Some(handle) = &self.handle {
+                assert!(
+                    !handle.is_finished(),
+                    "the server stopped while waiting for readiness {want:?}"
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "readiness did not become {want:?} within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the server the way SIGTERM does and returns its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("server stops within 30 s")
+            .expect("server task")
+    }
+
+    /// Rows stored for `(namespace, key)`, read straight from the database.
+    pub async fn row_count(&self, namespace: &str, key: &str) -> i64 {
+        let sql = "SELECT COUNT(*) FROM idemd_records WHERE namespace = $1 AND key = $2";
+        match self.backend {
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .bind(namespace)
+                    .bind(key)
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("count")
+            }
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .bind(namespace)
+                    .bind(key)
+                    .fetch_one(&mut c)
+                    .await
+                    .expect("count")
+            }
+        }
+    }
+
+    pub async fn begin(&self, request: pb::BeginRequest) -> Result<Outcome, Status> {
+        let response = self.client.clone().begin(request).await?;
+        Ok(response.into_inner().outcome.expect("an outcome"))
+    }
+
+    pub async fn acquire(&self, request: pb::BeginRequest) -> pb::Acquired {
+        match self.begin(request).await.expect("begin") {
+            Outcome::Acquired(acquired) => acquired,
+            other => panic!("expected acquired, got {other:?}"),
+        }
+    }
+
+    pub async fn complete(
+        &self,
+        key: &str,
+        token: &str,
+        response: &[u8],
+    ) -> Result<pb::CompleteResponse, Status> {
+        self.client
+            .clone()
+            .complete(pb::CompleteRequest {
+                namespace: NS.into(),
+                key: key.into(),
+                lease_token: token.into(),
+                response: response.to_vec(),
+                response_code: 200,
+                content_type: "application/json".into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn abort(&self, key: &str, token: &str, reason: &str) -> Result<(), Status> {
+        self.client
+            .clone()
+            .abort(pb::AbortRequest {
+                namespace: NS.into(),
+                key: key.into(),
+                lease_token: token.into(),
+                reason: reason.into(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn heartbeat(
+        &self,
+        key: &str,
+        token: &str,
+        ttl: Option<Duration>,
+    ) -> Result<pb::HeartbeatResponse, Status> {
+        self.client
+            .clone()
+            .heartbeat(pb::HeartbeatRequest {
+                namespace: NS.into(),
+                key: key.into(),
+                lease_token: token.into(),
+                lease_ttl: ttl.map(duration),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn lookup(&self, key: &str) -> Result<pb::Record, Status> {
+        self.client
+            .clone()
+            .lookup(pb::LookupRequest {
+                namespace: NS.into(),
+                key: key.into(),
+            })
+            .await
+            .map(|r| r.into_inner().record.expect("a record"))
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A Begin for `key` in the test namespace with fingerprint `fp-1`.
+pub fn begin_req(key: &str) -> pb::BeginRequest {
+    pb::BeginRequest {
+        namespace: NS.into(),
+        key: key.into(),
+        fingerprint: b"fp-1".to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn duration(value: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: value.as_secs() as i64,
+        nanos: value.subsec_nanos() as i32,
+    }
+}
+
+pub fn secs(value: u64) -> Option<prost_types::Duration> {
+    Some(duration(Duration::from_secs(value)))
+}
+
+pub fn to_chrono(value: Option<prost_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
+    let value = value.expect("a timestamp");
+    chrono::DateTime::from_timestamp(value.seconds, value.nanos as u32).expect("valid timestamp")
+}
+
+/// Asserts `code` and the ErrorInfo reason (domain idemd).
+#[track_caller]
+pub fn assert_error(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, "idemd");
+}
+
+/// Asserts INVALID_ARGUMENT / INVALID_FIELD with a violation naming `field`.
+#[track_caller]
+pub fn assert_invalid_field(status: &Status, field: &str) {
+    assert_error(status, Code::InvalidArgument, "INVALID_FIELD");
+    let bad_request = status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    assert!(
+        bad_request
+            .field_violations
+            .iter()
+            .any(|v| v.field == field),
+        "no violation for {field} in {status:?}"
+    );
+    assert!(
+        status.message().contains(field),
+        "message should name {field}: {status:?}"
+    );
+}
+
+/// Runs the scenario against both stores, one test each.
+#[macro_export]
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// Polls `check` every 50 ms until it returns Some; panics after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,15 @@
+//! Black-box tests of idemd through real gRPC, every scenario against both
+//! stores (SQLite and the Postgres cluster `scripts/test` provides).
+
+mod helpers;
+
+mod abort;
+mod begin;
+mod complete;
+mod heartbeat_lookup;
+mod ops;
+mod outage;
+mod reaper;
+mod shutdown;
+mod validation;
+mod waiting;

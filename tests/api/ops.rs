@@ -1,0 +1,127 @@
+//! What the orchestrator and operators see: health, reflection, start-up
+//! validation and migrations.
+
+use std::time::Duration;
+
+use idemd::config::DatabaseConfig;
+use idemd::pb;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::helpers::*;
+
+async fn liveness_and_readiness_are_serving(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut health = app.health();
+    for service in ["", pb::SERVICE_NAME] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+}
+
+async fn reflection_lists_the_services_v1_and_v1alpha(backend: Backend) {
+    let app = spawn_app(backend).await;
+    {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(app.channel());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let response = stream
+            .message()
+            .await
+            .expect("message")
+            .expect("a response");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected {response:?}");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.contains(&pb::SERVICE_NAME.to_string()), "{names:?}");
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_string()),
+            "{names:?}"
+        );
+    }
+    {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        let mut client = ServerReflectionClient::new(app.channel());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                pb::SERVICE_NAME.into(),
+            )),
+        };
+        let mut stream = client
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .expect("reflection v1alpha")
+            .into_inner();
+        let response = stream
+            .message()
+            .await
+            .expect("message")
+            .expect("a response");
+        assert!(
+            matches!(response.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+            "{response:?}"
+        );
+    }
+}
+
+async fn migrate_is_idempotent(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let database = DatabaseConfig {
+        database_url: idemd::config::DatabaseUrl::new(app.database_url.clone()),
+        db_max_connections: 2,
+    };
+    idemd::server::migrate(&database)
+        .await
+        .expect("migrations already applied: no-op");
+    app.acquire(begin_req("still-works")).await;
+}
+
+crate::both_stores!(
+    liveness_and_readiness_are_serving,
+    reflection_lists_the_services_v1_and_v1alpha,
+    migrate_is_idempotent,
+);
+
+#[tokio::test]
+async fn invalid_settings_stop_start_up_naming_the_setting() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = test_config(&format!("sqlite://{}", dir.path().join("x.db").display()));
+    config.default_lease_ttl = Duration::from_secs(7200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let error = idemd::server::run(config, listener, std::future::pending())
+        .await
+        .expect_err("a lease default over 1 h is refused");
+    assert!(error.to_string().contains("--default-lease-ttl"), "{error}");
+}
+
+#[tokio::test]
+async fn stop_exits_cleanly() {
+    let app = spawn_app(Backend::Sqlite).await;
+    app.acquire(begin_req("k")).await;
+    app.stop().await.expect("clean stop");
+}
