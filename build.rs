@@ -10,10 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(["idemd/v1/idempotency.proto"], ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out_dir.join("idemd_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    fs::write(out_dir.join("idemd_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
 
     tonic_prost_build::configure()
         // Undecodable requests are INVALID_ARGUMENT, not tonic's INTERNAL.

@@ -47,8 +47,7 @@ impl<T: Message> Encoder for StrictEncoder<T> {
 
     fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         // EncodeBuf grows on demand, so prost's only error (no capacity) cannot happen.
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("encoding the reply: {e}")))
+        item.encode(buf).map_err(|e| Status::internal(format!("encoding the reply: {e}")))
     }
 }
 
@@ -73,8 +72,7 @@ fn field_of(description: &str) -> String {
         .split(": ")
         .find_map(|part| {
             let (message, field) = part.split_once('.')?;
-            let plain =
-                |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             (plain(message) && plain(field)).then(|| field.to_string())
         })
         .unwrap_or_else(|| "request".to_string())
@@ -92,9 +90,6 @@ mod tests {
             ),
             "key"
         );
-        assert_eq!(
-            field_of("failed to decode Protobuf message: buffer underflow"),
-            "request"
-        );
+        assert_eq!(field_of("failed to decode Protobuf message: buffer underflow"), "request");
     }
 }

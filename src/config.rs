@@ -18,8 +18,7 @@ pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_RESPONSE_BYTES_CEILING: usize = 64 * 1024 * 1024;
 
 fn duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("{e} (write durations like 500ms, 60s, 24h)"))
+    humantime::parse_duration(value).map_err(|e| format!("{e} (write durations like 500ms, 60s, 24h)"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,9 +51,7 @@ impl DatabaseUrl {
         match scheme {
             "postgres" | "postgresql" => Ok(Backend::Postgres),
             "sqlite" => Ok(Backend::Sqlite),
-            _ => Err(format!(
-                "unsupported scheme in {self}: use postgres://… (production) or sqlite://… (embedded)"
-            )),
+            _ => Err(format!("unsupported scheme in {self}: use postgres://… (production) or sqlite://… (embedded)")),
         }
     }
 }
@@ -100,6 +97,12 @@ pub struct DatabaseConfig {
     /// under Postgres's max_connections.
     #[arg(long, env = "IDEMD_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+
+    /// Longest a call waits on the database (for a connection and for its
+    /// statement) before answering UNAVAILABLE; also Postgres's
+    /// statement_timeout for idemd's sessions.
+    #[arg(long, env = "IDEMD_STORE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub store_timeout: Duration,
 }
 
 /// Settings of `idemd serve`.
@@ -163,11 +166,7 @@ pub struct ConfigError {
 }
 
 fn bad(flag: &'static str, env: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        flag,
-        env,
-        problem: problem.into(),
-    }
+    ConfigError { flag, env, problem: problem.into() }
 }
 
 impl ServeConfig {
@@ -180,51 +179,31 @@ impl ServeConfig {
             #[command(flatten)]
             config: ServeConfig,
         }
-        let matches = <Wrapper as clap::CommandFactory>::command()
-            .no_binary_name(true)
-            .get_matches_from(Vec::<String>::new());
+        let matches =
+            <Wrapper as clap::CommandFactory>::command().no_binary_name(true).get_matches_from(Vec::<String>::new());
         // The defaults above are literals that parse; a failure is a bug in this file.
-        Wrapper::from_arg_matches(&matches)
-            .map(|w| w.config)
-            .expect("defaults parse") // ok: constant input
+        Wrapper::from_arg_matches(&matches).map(|w| w.config).expect("defaults parse") // ok: constant input
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.database;
+        if d.store_timeout < Duration::from_millis(100) || d.store_timeout > Duration::from_secs(600) {
+            return Err(bad("--store-timeout", "IDEMD_STORE_TIMEOUT", "must be between 100ms and 10m"));
+        }
         if d.db_max_connections == 0 {
-            return Err(bad(
-                "--db-max-connections",
-                "IDEMD_DB_MAX_CONNECTIONS",
-                "must be at least 1",
-            ));
+            return Err(bad("--db-max-connections", "IDEMD_DB_MAX_CONNECTIONS", "must be at least 1"));
         }
         if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.default_lease_ttl) {
-            return Err(bad(
-                "--default-lease-ttl",
-                "IDEMD_DEFAULT_LEASE_TTL",
-                "must be between 1s and 1h",
-            ));
+            return Err(bad("--default-lease-ttl", "IDEMD_DEFAULT_LEASE_TTL", "must be between 1s and 1h"));
         }
         if self.min_retention.is_zero() {
-            return Err(bad(
-                "--min-retention",
-                "IDEMD_MIN_RETENTION",
-                "must be positive",
-            ));
+            return Err(bad("--min-retention", "IDEMD_MIN_RETENTION", "must be positive"));
         }
         if self.max_retention < self.min_retention {
-            return Err(bad(
-                "--max-retention",
-                "IDEMD_MAX_RETENTION",
-                "must not be below --min-retention",
-            ));
+            return Err(bad("--max-retention", "IDEMD_MAX_RETENTION", "must not be below --min-retention"));
         }
         if self.max_retention > Duration::from_secs(100 * 365 * 24 * 3600) {
-            return Err(bad(
-                "--max-retention",
-                "IDEMD_MAX_RETENTION",
-                "must be at most 100 years",
-            ));
+            return Err(bad("--max-retention", "IDEMD_MAX_RETENTION", "must be at most 100 years"));
         }
         if !(self.min_retention..=self.max_retention).contains(&self.default_retention) {
             return Err(bad(
@@ -234,25 +213,13 @@ impl ServeConfig {
             ));
         }
         if self.max_response_bytes == 0 || self.max_response_bytes > MAX_RESPONSE_BYTES_CEILING {
-            return Err(bad(
-                "--max-response-bytes",
-                "IDEMD_MAX_RESPONSE_BYTES",
-                "must be between 1 and 67108864",
-            ));
+            return Err(bad("--max-response-bytes", "IDEMD_MAX_RESPONSE_BYTES", "must be between 1 and 67108864"));
         }
         if self.reaper_interval < Duration::from_millis(10) {
-            return Err(bad(
-                "--reaper-interval",
-                "IDEMD_REAPER_INTERVAL",
-                "must be at least 10ms",
-            ));
+            return Err(bad("--reaper-interval", "IDEMD_REAPER_INTERVAL", "must be at least 10ms"));
         }
         if self.purge_interval < Duration::from_millis(10) {
-            return Err(bad(
-                "--purge-interval",
-                "IDEMD_PURGE_INTERVAL",
-                "must be at least 10ms",
-            ));
+            return Err(bad("--purge-interval", "IDEMD_PURGE_INTERVAL", "must be at least 10ms"));
         }
         Ok(())
     }
@@ -274,14 +241,8 @@ mod tests {
     fn errors_name_the_setting() {
         let mut config = ServeConfig::defaults();
         config.default_retention = Duration::from_secs(60);
-        let error = config
-            .validate()
-            .expect_err("retention below min")
-            .to_string();
-        assert!(
-            error.contains("--default-retention") && error.contains("IDEMD_DEFAULT_RETENTION"),
-            "{error}"
-        );
+        let error = config.validate().expect_err("retention below min").to_string();
+        assert!(error.contains("--default-retention") && error.contains("IDEMD_DEFAULT_RETENTION"), "{error}");
     }
 
     #[test]

@@ -35,18 +35,10 @@ impl Namespace {
             return Err(Error::invalid("namespace", "namespace is required"));
         }
         if value.len() > MAX_NAMESPACE_LEN {
-            return Err(Error::invalid(
-                "namespace",
-                "namespace is longer than 64 characters",
-            ));
+            return Err(Error::invalid("namespace", "namespace is longer than 64 characters"));
         }
-        if !value.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        }) {
-            return Err(Error::invalid(
-                "namespace",
-                "namespace may only contain [a-z0-9._-]",
-            ));
+        if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')) {
+            return Err(Error::invalid("namespace", "namespace may only contain [a-z0-9._-]"));
         }
         Ok(Namespace(value))
     }
@@ -88,10 +80,7 @@ pub struct RecordId {
 
 impl RecordId {
     pub fn parse(namespace: String, key: String) -> Result<Self> {
-        Ok(RecordId {
-            namespace: Namespace::parse(namespace)?,
-            key: Key::parse(key)?,
-        })
+        Ok(RecordId { namespace: Namespace::parse(namespace)?, key: Key::parse(key)? })
     }
 
     /// `namespace/key`: unambiguous because a namespace has no `/`. Used as
@@ -104,10 +93,7 @@ impl RecordId {
 /// 0–64 bytes, compared byte for byte.
 pub fn check_fingerprint(value: &[u8]) -> Result<()> {
     if value.len() > MAX_FINGERPRINT_LEN {
-        return Err(Error::invalid(
-            "fingerprint",
-            "fingerprint is longer than 64 bytes",
-        ));
+        return Err(Error::invalid("fingerprint", "fingerprint is longer than 64 bytes"));
     }
     Ok(())
 }
@@ -115,16 +101,10 @@ pub fn check_fingerprint(value: &[u8]) -> Result<()> {
 /// A string field with a byte limit and, when `no_control`, no control characters.
 pub fn check_text(field: &str, value: &str, max: usize, no_control: bool) -> Result<()> {
     if value.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("{field} is longer than {max} bytes"),
-        ));
+        return Err(Error::invalid(field, format!("{field} is longer than {max} bytes")));
     }
     if no_control && value.chars().any(is_control) {
-        return Err(Error::invalid(
-            field,
-            format!("{field} contains a control character"),
-        ));
+        return Err(Error::invalid(field, format!("{field} contains a control character")));
     }
     Ok(())
 }
@@ -224,8 +204,7 @@ pub struct Busy {
 impl Busy {
     /// The `retry_after` hint: the time until the lease expires, clamped to [50 ms, 2 s].
     pub fn retry_after(&self) -> Duration {
-        self.lease_remaining
-            .clamp(Duration::from_millis(50), Duration::from_secs(2))
+        self.lease_remaining.clamp(Duration::from_millis(50), Duration::from_secs(2))
     }
 }
 
@@ -322,9 +301,7 @@ impl CurrentRecord {
                         downstream_key: self.downstream_key,
                     }))
                 } else {
-                    let lease_remaining = (self.lease_expires_at - self.now)
-                        .to_std()
-                        .unwrap_or(Duration::ZERO);
+                    let lease_remaining = (self.lease_expires_at - self.now).to_std().unwrap_or(Duration::ZERO);
                     Verdict::Outcome(BeginOutcome::InProgress(Busy {
                         attempt: self.attempt,
                         lease_expires_at: self.lease_expires_at,
@@ -388,21 +365,13 @@ mod tests {
         let k = new_downstream_key();
         assert_eq!(k.len(), 36);
         assert!(k.starts_with("idk_"));
-        assert!(
-            k[4..]
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        );
+        assert!(k[4..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         assert_ne!(new_lease_token(), new_lease_token());
     }
 
     #[test]
     fn retry_after_is_clamped() {
-        let busy = |ms| Busy {
-            attempt: 1,
-            lease_expires_at: Utc::now(),
-            lease_remaining: Duration::from_millis(ms),
-        };
+        let busy = |ms| Busy { attempt: 1, lease_expires_at: Utc::now(), lease_remaining: Duration::from_millis(ms) };
         assert_eq!(busy(0).retry_after(), Duration::from_millis(50));
         assert_eq!(busy(700).retry_after(), Duration::from_millis(700));
         assert_eq!(busy(60_000).retry_after(), Duration::from_secs(2));

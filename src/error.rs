@@ -35,6 +35,15 @@ pub enum Error {
     /// a Begin; safe to retry.
     #[error("store contention: {0}")]
     Contention(&'static str),
+    /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: the database did not answer
+    /// within `--store-timeout`. Whether the statement took effect is
+    /// unknown, so the caller must not proceed (fail closed).
+    #[error("store did not answer in time")]
+    StoreTimeout,
+    /// DEADLINE_EXCEEDED, reason `DEADLINE_EXCEEDED`: the caller's deadline
+    /// passed before the store answered.
+    #[error("deadline exceeded before the store answered")]
+    DeadlineExceeded,
     /// INTERNAL: a bug or an impossible row; logged, not echoed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -42,10 +51,7 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Error::InvalidField {
-            field: field.into(),
-            description: description.into(),
-        }
+        Error::InvalidField { field: field.into(), description: description.into() }
     }
 
     /// The `ErrorInfo.reason` of this error.
@@ -55,7 +61,8 @@ impl Error {
             Error::FingerprintMismatch => "FINGERPRINT_MISMATCH",
             Error::LeaseLost => "LEASE_LOST",
             Error::NotFound => "NOT_FOUND",
-            Error::StoreUnavailable(_) | Error::Contention(_) => "STORE_UNAVAILABLE",
+            Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => "STORE_UNAVAILABLE",
+            Error::DeadlineExceeded => "DEADLINE_EXCEEDED",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -65,7 +72,8 @@ impl Error {
             Error::InvalidField { .. } => Code::InvalidArgument,
             Error::FingerprintMismatch | Error::LeaseLost => Code::FailedPrecondition,
             Error::NotFound => Code::NotFound,
-            Error::StoreUnavailable(_) | Error::Contention(_) => Code::Unavailable,
+            Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => Code::Unavailable,
+            Error::DeadlineExceeded => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
         }
     }
@@ -100,8 +108,7 @@ impl From<Error> for Status {
             }
             other => other.to_string(),
         };
-        let mut details =
-            ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, HashMap::new());
+        let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, HashMap::new());
         if let Error::InvalidField { field, description } = &error {
             details.add_bad_request_violation(field.clone(), description.clone());
         }

@@ -2,8 +2,10 @@
 //! answers a probe, and NOT_SERVING from the moment shutdown begins.
 //! Liveness (service `""`) stays SERVING while the process runs.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -15,15 +17,46 @@ use crate::store::Store;
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Probes the store until `shutdown`, then reports NOT_SERVING and returns:
-/// this task is the only writer of readiness, so nothing can flip it back.
-pub fn spawn_readiness_probe<S: Store>(
-    store: S,
+/// The readiness status, with shutdown as a one-way latch: once shutdown
+/// began, no probe result can report SERVING again.
+#[derive(Clone)]
+pub struct Readiness {
     reporter: HealthReporter,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
+    /// `Some(status)` last reported; the lock orders probe reports against shutdown.
+    state: Arc<Mutex<(Option<ServingStatus>, bool)>>,
+}
+
+impl Readiness {
+    /// Starts NOT_SERVING until the first probe succeeds.
+    pub async fn new(reporter: HealthReporter) -> Self {
+        reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        Readiness { reporter, state: Arc::new(Mutex::new((None, false))) }
+    }
+
+    async fn report(&self, status: ServingStatus) {
+        let mut state = self.state.lock().await;
+        let (last, shutting_down) = &mut *state;
+        if *shutting_down || *last == Some(status) {
+            return;
+        }
+        if last.is_some() || status != ServingStatus::Serving {
+            tracing::warn!(?status, "readiness changed");
+        }
+        *last = Some(status);
+        self.reporter.set_service_status(SERVICE_NAME, status).await;
+    }
+
+    /// NOT_SERVING for good: shutdown has begun.
+    pub async fn shut_down(&self) {
+        let mut state = self.state.lock().await;
+        state.1 = true;
+        self.reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    }
+}
+
+/// Probes the store every 500 ms until `stop`, reporting readiness.
+pub fn spawn_readiness_probe<S: Store>(store: S, readiness: Readiness, stop: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut current = None;
         loop {
             let status = match tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
                 Ok(Ok(())) => ServingStatus::Serving,
@@ -36,23 +69,11 @@ pub fn spawn_readiness_probe<S: Store>(
                     ServingStatus::NotServing
                 }
             };
-            if shutdown.is_cancelled() {
-                break;
-            }
-            if current != Some(status) {
-                if current.is_some() || status != ServingStatus::Serving {
-                    tracing::warn!(?status, "readiness changed");
-                }
-                reporter.set_service_status(SERVICE_NAME, status).await;
-                current = Some(status);
-            }
+            readiness.report(status).await;
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = shutdown.cancelled() => break,
+                _ = stop.cancelled() => break,
             }
         }
-        reporter
-            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-            .await;
     })
 }

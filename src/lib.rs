@@ -33,8 +33,7 @@ pub mod pb {
     tonic::include_proto!("idemd.v1");
 
     /// The encoded descriptor set of the contract, served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/idemd_descriptor.bin"));
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/idemd_descriptor.bin"));
 
     /// The service name clients and readiness probes use.
     pub const SERVICE_NAME: &str = "idemd.v1.Idempotency";

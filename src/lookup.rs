@@ -8,21 +8,16 @@ use crate::pb;
 
 fn timestamp(value: Option<prost_types::Timestamp>) -> Value {
     value
-        .and_then(|t| {
-            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
-        })
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
         .unwrap_or(Value::Null)
 }
 
 /// The record as a JSON object.
 pub fn record_json(record: pb::Record) -> Value {
-    let state = pb::State::try_from(record.state)
-        .map(|s| s.as_str_name())
-        .unwrap_or("STATE_UNSPECIFIED");
-    let aborted_by = pb::AbortedBy::try_from(record.aborted_by)
-        .map(|a| a.as_str_name())
-        .unwrap_or("ABORTED_BY_UNSPECIFIED");
+    let state = pb::State::try_from(record.state).map(|s| s.as_str_name()).unwrap_or("STATE_UNSPECIFIED");
+    let aborted_by =
+        pb::AbortedBy::try_from(record.aborted_by).map(|a| a.as_str_name()).unwrap_or("ABORTED_BY_UNSPECIFIED");
     let b64 = base64::engine::general_purpose::STANDARD;
     json!({
         "namespace": record.namespace,
@@ -54,9 +49,6 @@ pub async fn lookup(addr: String, namespace: String, key: String) -> anyhow::Res
         .lookup(pb::LookupRequest { namespace, key })
         .await
         .map_err(|status| anyhow::anyhow!("{:?}: {}", status.code(), status.message()))?;
-    let record = response
-        .into_inner()
-        .record
-        .ok_or_else(|| anyhow::anyhow!("the server answered without a record"))?;
+    let record = response.into_inner().record.ok_or_else(|| anyhow::anyhow!("the server answered without a record"))?;
     Ok(record_json(record))
 }

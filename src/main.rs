@@ -38,23 +38,14 @@ async fn main() -> anyhow::Result<()> {
             config.validate()?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot listen on {} (--listen, IDEMD_LISTEN): {e}",
-                        config.listen
-                    )
-                })?;
+                .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen, IDEMD_LISTEN): {e}", config.listen))?;
             server::run(config, listener, server::shutdown_signal()).await
         }
         Command::Migrate(database) => {
             telemetry::init(LogFormat::Text);
             server::migrate(&database).await
         }
-        Command::Lookup {
-            namespace,
-            key,
-            addr,
-        } => {
+        Command::Lookup { namespace, key, addr } => {
             let record = lookup::lookup(addr, namespace, key).await?;
             println!("{}", serde_json::to_string_pretty(&record)?);
             Ok(())

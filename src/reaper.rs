@@ -16,12 +16,7 @@ const PURGE_BATCHES_PER_TICK: usize = 20;
 
 /// `loop { select! { tick => work, shutdown => break } }`, doubling the
 /// pause after each failed tick and resetting it after a good one.
-fn every<F, Fut>(
-    name: &'static str,
-    interval: Duration,
-    shutdown: CancellationToken,
-    mut work: F,
-) -> JoinHandle<()>
+fn every<F, Fut>(name: &'static str, interval: Duration, shutdown: CancellationToken, mut work: F) -> JoinHandle<()>
 where
     F: FnMut() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = crate::error::Result<()>> + Send,
@@ -44,11 +39,7 @@ where
     })
 }
 
-pub fn spawn_reaper<S: Store>(
-    store: S,
-    interval: Duration,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
+pub fn spawn_reaper<S: Store>(store: S, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
     every("reaper", interval, shutdown, move || {
         let store = store.clone();
         async move {
@@ -71,11 +62,7 @@ pub fn spawn_reaper<S: Store>(
     })
 }
 
-pub fn spawn_purger<S: Store>(
-    store: S,
-    interval: Duration,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
+pub fn spawn_purger<S: Store>(store: S, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
     every("purger", interval, shutdown, move || {
         let store = store.clone();
         async move {

@@ -17,10 +17,10 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
-use tonic_health::ServingStatus;
 
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
-use crate::pb::{self, SERVICE_NAME};
+use crate::health::Readiness;
+use crate::pb;
 use crate::service::{IdempotencyService, Limits};
 use crate::store::Store;
 use crate::store::postgres::PgStore;
@@ -35,27 +35,15 @@ const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Applies the migrations of the configured database and returns.
 pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
-    match database
-        .database_url
-        .backend()
-        .map_err(anyhow::Error::msg)?
-    {
+    match database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
             let store = PgStore::connect_lazy(database)?;
-            store
-                .migrate()
-                .await
-                .context("applying Postgres migrations")?;
+            store.migrate().await.context("applying Postgres migrations")?;
             store.close().await;
         }
         Backend::Sqlite => {
-            let store = SqliteStore::connect(database, Wakeups::new())
-                .await
-                .context("opening the SQLite database")?;
-            store
-                .migrate()
-                .await
-                .context("applying SQLite migrations")?;
+            let store = SqliteStore::connect(database, Wakeups::new()).await.context("opening the SQLite database")?;
+            store.migrate().await.context("applying SQLite migrations")?;
             store.close().await;
         }
     }
@@ -74,52 +62,23 @@ pub async fn run(
     config.validate()?;
     let wakeups = Wakeups::new();
     let background = CancellationToken::new();
-    match config
-        .database
-        .database_url
-        .backend()
-        .map_err(anyhow::Error::msg)?
-    {
+    match config.database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
             let store = PgStore::connect_lazy(&config.database)?;
             if !config.no_migrate {
-                store
-                    .migrate()
-                    .await
-                    .context("applying Postgres migrations")?;
+                store.migrate().await.context("applying Postgres migrations")?;
             }
             let relay = store.spawn_wakeup_listener(Arc::clone(&wakeups), background.clone());
-            serve(
-                store,
-                wakeups,
-                config,
-                listener,
-                shutdown,
-                background,
-                vec![relay],
-            )
-            .await
+            serve(store, wakeups, config, listener, shutdown, background, vec![relay]).await
         }
         Backend::Sqlite => {
             let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
                 .await
                 .context("opening the SQLite database")?;
             if !config.no_migrate {
-                store
-                    .migrate()
-                    .await
-                    .context("applying SQLite migrations")?;
+                store.migrate().await.context("applying SQLite migrations")?;
             }
-            serve(
-                store,
-                wakeups,
-                config,
-                listener,
-                shutdown,
-                background,
-                Vec::new(),
-            )
-            .await
+            serve(store, wakeups, config, listener, shutdown, background, Vec::new()).await
         }
     }
 }
@@ -134,22 +93,10 @@ async fn serve<S: Store>(
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-
-    let probe_stop = CancellationToken::new();
-    let probe = health::spawn_readiness_probe(store.clone(), reporter, probe_stop.clone());
-    tasks.push(reaper::spawn_reaper(
-        store.clone(),
-        config.reaper_interval,
-        background.clone(),
-    ));
-    tasks.push(reaper::spawn_purger(
-        store.clone(),
-        config.purge_interval,
-        background.clone(),
-    ));
+    let readiness = Readiness::new(reporter).await;
+    tasks.push(health::spawn_readiness_probe(store.clone(), readiness.clone(), background.clone()));
+    tasks.push(reaper::spawn_reaper(store.clone(), config.reaper_interval, background.clone()));
+    tasks.push(reaper::spawn_purger(store.clone(), config.purge_interval, background.clone()));
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -162,12 +109,7 @@ async fn serve<S: Store>(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let stop_waiting = CancellationToken::new();
-    let service = IdempotencyService::new(
-        store.clone(),
-        wakeups,
-        Limits::from(&config),
-        stop_waiting.clone(),
-    );
+    let service = IdempotencyService::new(store.clone(), wakeups, Limits::from(&config), stop_waiting.clone());
     let service = pb::idempotency_server::IdempotencyServer::new(service)
         .max_decoding_message_size(config.max_response_bytes + REQUEST_OVERHEAD_BYTES);
 
@@ -180,9 +122,7 @@ async fn serve<S: Store>(
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: readiness NOT_SERVING, draining in-flight calls");
-            probe_stop.cancel();
-            // The probe reports NOT_SERVING as its last act.
-            let _ = probe.await;
+            readiness.shut_down().await;
             stop_waiting.cancel();
             draining.cancel();
         }

@@ -2,6 +2,7 @@
 //! encode. No transition is decided here; Begin's waiting (`wait_timeout`)
 //! is the only logic, and it only re-runs the store's atomic Begin.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use tonic::{Request, Response, Status};
 
 use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
 use crate::domain::{
-    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN,
-    Record, RecordId, Timestamp, check_fingerprint, check_lease_token, check_text,
+    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Record, RecordId,
+    Timestamp, check_fingerprint, check_lease_token, check_text,
 };
 use crate::error::{Error, Result};
 use crate::pb;
@@ -31,6 +32,7 @@ pub struct Limits {
     pub min_retention: Duration,
     pub max_retention: Duration,
     pub max_response_bytes: usize,
+    pub store_timeout: Duration,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -41,6 +43,7 @@ impl From<&ServeConfig> for Limits {
             min_retention: config.min_retention,
             max_retention: config.max_retention,
             max_response_bytes: config.max_response_bytes,
+            store_timeout: config.database.store_timeout,
         }
     }
 }
@@ -55,17 +58,20 @@ pub struct IdempotencyService<S> {
 }
 
 impl<S: Store> IdempotencyService<S> {
-    pub fn new(
-        store: S,
-        wakeups: Arc<Wakeups>,
-        limits: Limits,
-        stop_waiting: CancellationToken,
-    ) -> Self {
-        IdempotencyService {
-            store,
-            wakeups,
-            limits,
-            stop_waiting,
+    pub fn new(store: S, wakeups: Arc<Wakeups>, limits: Limits, stop_waiting: CancellationToken) -> Self {
+        IdempotencyService { store, wakeups, limits, stop_waiting }
+    }
+
+    /// Bounds one store call by `--store-timeout` and the caller's deadline.
+    /// A call cut short may still take effect in the database: the caller
+    /// gets an error and must not proceed (fail closed).
+    async fn bounded<T>(&self, deadline: Option<Instant>, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let store_limit = Instant::now() + self.limits.store_timeout;
+        match deadline {
+            Some(deadline) if deadline < store_limit => {
+                tokio::time::timeout_at(deadline, call).await.unwrap_or(Err(Error::DeadlineExceeded))
+            }
+            _ => tokio::time::timeout_at(store_limit, call).await.unwrap_or(Err(Error::StoreTimeout)),
         }
     }
 
@@ -75,15 +81,16 @@ impl<S: Store> IdempotencyService<S> {
         &self,
         request: &domain::BeginRequest,
         wait_until: Option<Instant>,
+        deadline: Option<Instant>,
     ) -> Result<BeginOutcome> {
         let Some(wait_until) = wait_until else {
-            return self.store.begin(request).await;
+            return self.bounded(deadline, self.store.begin(request)).await;
         };
         // Subscribed before the first attempt: a wake-up between the attempt
         // and the wait is not lost.
         let mut subscription = self.wakeups.subscribe(&request.id);
         loop {
-            let outcome = self.store.begin(request).await?;
+            let outcome = self.bounded(deadline, self.store.begin(request)).await?;
             let BeginOutcome::InProgress(busy) = &outcome else {
                 return Ok(outcome);
             };
@@ -123,6 +130,11 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
+/// The instant the caller's deadline passes, if it sent one.
+fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout)
+}
+
 /// When a waiting Begin must stop waiting: after `wait`, and in time to
 /// answer before the caller's deadline (a tenth of it, 20–250 ms, is kept
 /// for the answer to travel back).
@@ -142,19 +154,13 @@ fn parse_duration(field: &str, value: &prost_types::Duration) -> Result<Duration
     const MAX_SECONDS: i64 = 315_576_000_000;
     let (seconds, nanos) = (value.seconds, value.nanos);
     if !(-999_999_999..=999_999_999).contains(&nanos) {
-        return Err(Error::invalid(
-            field,
-            format!("{field}.nanos is out of range"),
-        ));
+        return Err(Error::invalid(field, format!("{field}.nanos is out of range")));
     }
     if (seconds > 0 && nanos < 0) || (seconds < 0 && nanos > 0) {
         return Err(Error::invalid(field, format!("{field} has mixed signs")));
     }
     if !(-MAX_SECONDS..=MAX_SECONDS).contains(&seconds) {
-        return Err(Error::invalid(
-            field,
-            format!("{field}.seconds is out of range"),
-        ));
+        return Err(Error::invalid(field, format!("{field}.seconds is out of range")));
     }
     if seconds < 0 || nanos < 0 {
         return Err(Error::invalid(field, format!("{field} is negative")));
@@ -189,13 +195,7 @@ fn duration_in(
 }
 
 fn lease_ttl(value: Option<&prost_types::Duration>, limits: &Limits) -> Result<Duration> {
-    duration_in(
-        "lease_ttl",
-        value,
-        limits.default_lease_ttl,
-        MIN_LEASE_TTL,
-        MAX_LEASE_TTL,
-    )
+    duration_in("lease_ttl", value, limits.default_lease_ttl, MIN_LEASE_TTL, MAX_LEASE_TTL)
 }
 
 fn timestamp(value: Timestamp) -> prost_types::Timestamp {
@@ -236,9 +236,7 @@ fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
             retry_after: Some(proto_duration(busy.retry_after())),
         }),
     };
-    pb::BeginResponse {
-        outcome: Some(outcome),
-    }
+    pb::BeginResponse { outcome: Some(outcome) }
 }
 
 fn encode_record(record: Record) -> pb::Record {
@@ -274,12 +272,9 @@ fn encode_record(record: Record) -> pb::Record {
 
 #[tonic::async_trait]
 impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
-    async fn begin(
-        &self,
-        request: Request<pb::BeginRequest>,
-    ) -> Result<Response<pb::BeginResponse>, Status> {
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
         let started = Instant::now();
-        let deadline = grpc_timeout(request.metadata());
+        let timeout = grpc_timeout(request.metadata());
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         check_fingerprint(&message.fingerprint)?;
@@ -307,55 +302,40 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
             retention,
             attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
         };
-        let outcome = self
-            .begin_and_wait(&begin, wait_until(started, wait, deadline))
-            .await?;
+        let deadline = timeout.map(|t| started + t);
+        let outcome = self.begin_and_wait(&begin, wait_until(started, wait, timeout), deadline).await?;
         Ok(Response::new(encode_begin(outcome)))
     }
 
-    async fn complete(
-        &self,
-        request: Request<pb::CompleteRequest>,
-    ) -> Result<Response<pb::CompleteResponse>, Status> {
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
+        let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         check_lease_token(&message.lease_token)?;
         if message.response.len() > self.limits.max_response_bytes {
             return Err(Error::invalid(
                 "response",
-                format!(
-                    "response is longer than {} bytes",
-                    self.limits.max_response_bytes
-                ),
+                format!("response is longer than {} bytes", self.limits.max_response_bytes),
             )
             .into());
         }
-        check_text(
-            "content_type",
-            &message.content_type,
-            MAX_CONTENT_TYPE_LEN,
-            true,
-        )?;
-        let completion = self
-            .store
-            .complete(&CompleteRequest {
-                id,
-                lease_token: message.lease_token,
-                response: message.response,
-                response_code: message.response_code,
-                content_type: message.content_type,
-            })
-            .await?;
+        check_text("content_type", &message.content_type, MAX_CONTENT_TYPE_LEN, true)?;
+        let request = CompleteRequest {
+            id,
+            lease_token: message.lease_token,
+            response: message.response,
+            response_code: message.response_code,
+            content_type: message.content_type,
+        };
+        let completion = self.bounded(deadline, self.store.complete(&request)).await?;
         Ok(Response::new(pb::CompleteResponse {
             completed_at: Some(timestamp(completion.completed_at)),
             expires_at: Some(timestamp(completion.expires_at)),
         }))
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::AbortRequest>,
-    ) -> Result<Response<pb::AbortResponse>, Status> {
+    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         check_lease_token(&message.lease_token)?;
@@ -363,9 +343,7 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
         if message.reason.contains('\0') {
             return Err(Error::invalid("reason", "reason contains a NUL character").into());
         }
-        self.store
-            .abort(&id, &message.lease_token, &message.reason)
-            .await?;
+        self.bounded(deadline, self.store.abort(&id, &message.lease_token, &message.reason)).await?;
         Ok(Response::new(pb::AbortResponse {}))
     }
 
@@ -373,29 +351,22 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         check_lease_token(&message.lease_token)?;
         let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
-        let lease_expires_at = self
-            .store
-            .heartbeat(&id, &message.lease_token, lease_ttl)
-            .await?;
-        Ok(Response::new(pb::HeartbeatResponse {
-            lease_expires_at: Some(timestamp(lease_expires_at)),
-        }))
+        let lease_expires_at =
+            self.bounded(deadline, self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
+        Ok(Response::new(pb::HeartbeatResponse { lease_expires_at: Some(timestamp(lease_expires_at)) }))
     }
 
-    async fn lookup(
-        &self,
-        request: Request<pb::LookupRequest>,
-    ) -> Result<Response<pb::LookupResponse>, Status> {
+    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
+        let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
-        let record = self.store.lookup(&id).await?;
-        Ok(Response::new(pb::LookupResponse {
-            record: Some(encode_record(record)),
-        }))
+        let record = self.bounded(deadline, self.store.lookup(&id)).await?;
+        Ok(Response::new(pb::LookupResponse { record: Some(encode_record(record)) }))
     }
 }
 
@@ -409,35 +380,16 @@ mod tests {
 
     #[test]
     fn durations_are_checked() {
-        assert_eq!(
-            parse_duration("x", &d(1, 500)).ok(),
-            Some(Duration::new(1, 500))
-        );
+        assert_eq!(parse_duration("x", &d(1, 500)).ok(), Some(Duration::new(1, 500)));
         assert!(parse_duration("x", &d(1, -1)).is_err());
         assert!(parse_duration("x", &d(-1, 1)).is_err());
         assert!(parse_duration("x", &d(0, 1_000_000_000)).is_err());
         assert!(parse_duration("x", &d(-5, 0)).is_err());
         assert!(parse_duration("x", &d(i64::MAX, 0)).is_err());
         let limits = Duration::from_secs(1)..=Duration::from_secs(10);
-        assert!(
-            duration_in(
-                "x",
-                Some(&d(0, 0)),
-                Duration::from_secs(5),
-                *limits.start(),
-                *limits.end()
-            )
-            .is_err()
-        );
+        assert!(duration_in("x", Some(&d(0, 0)), Duration::from_secs(5), *limits.start(), *limits.end()).is_err());
         assert_eq!(
-            duration_in(
-                "x",
-                None,
-                Duration::from_secs(5),
-                *limits.start(),
-                *limits.end()
-            )
-            .ok(),
+            duration_in("x", None, Duration::from_secs(5), *limits.start(), *limits.end()).ok(),
             Some(Duration::from_secs(5))
         );
     }
@@ -457,14 +409,8 @@ mod tests {
     fn wait_ends_before_the_deadline() {
         let start = Instant::now();
         assert_eq!(wait_until(start, Duration::ZERO, None), None);
-        assert_eq!(
-            wait_until(start, Duration::from_secs(5), None),
-            Some(start + Duration::from_secs(5))
-        );
-        let until =
-            wait_until(start, Duration::from_secs(5), Some(Duration::from_secs(1))).expect("waits");
-        assert!(
-            until < start + Duration::from_secs(1) && until >= start + Duration::from_millis(900)
-        );
+        assert_eq!(wait_until(start, Duration::from_secs(5), None), Some(start + Duration::from_secs(5)));
+        let until = wait_until(start, Duration::from_secs(5), Some(Duration::from_secs(1))).expect("waits");
+        assert!(until < start + Duration::from_secs(1) && until >= start + Duration::from_millis(900));
     }
 }

@@ -33,16 +33,8 @@ impl Wakeups {
     /// Starts listening for wake-ups of `id`; call before trying to acquire.
     pub fn subscribe(self: &Arc<Self>, id: &RecordId) -> Subscription {
         let topic = id.wake_topic();
-        let receiver = self
-            .topics()
-            .entry(topic.clone())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe();
-        Subscription {
-            hub: Arc::clone(self),
-            topic,
-            receiver: Some(receiver),
-        }
+        let receiver = self.topics().entry(topic.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
+        Subscription { hub: Arc::clone(self), topic, receiver: Some(receiver) }
     }
 
     /// Wakes the waiters of one `namespace/key` topic, if any.
@@ -94,10 +86,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         drop(self.receiver.take());
         let mut topics = self.hub.topics();
-        if topics
-            .get(&self.topic)
-            .is_some_and(|s| s.receiver_count() == 0)
-        {
+        if topics.get(&self.topic).is_some_and(|s| s.receiver_count() == 0) {
             topics.remove(&self.topic);
         }
     }
@@ -118,14 +107,8 @@ mod tests {
         let mut a = hub.subscribe(&id("a"));
         let mut b = hub.subscribe(&id("b"));
         hub.wake(&id("a"));
-        tokio::time::timeout(Duration::from_secs(1), a.woken())
-            .await
-            .expect("a woken");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), b.woken())
-                .await
-                .is_err()
-        );
+        tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("a woken");
+        assert!(tokio::time::timeout(Duration::from_millis(50), b.woken()).await.is_err());
         assert_eq!(hub.waiting_keys(), 2);
         drop(a);
         drop(b);
@@ -137,8 +120,6 @@ mod tests {
         let hub = Wakeups::new();
         let mut a = hub.subscribe(&id("a"));
         hub.wake_all();
-        tokio::time::timeout(Duration::from_secs(1), a.woken())
-            .await
-            .expect("woken");
+        tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("woken");
     }
 }

@@ -1,6 +1,6 @@
 -- One row per (namespace, key): the primary key is the UNIQUE constraint
 -- that makes a duplicate acquisition impossible even if code were wrong.
--- Times are microseconds since the Unix epoch by this process's clock.
+-- Times are microseconds since the Unix epoch by SQLite's clock (unixepoch).
 CREATE TABLE idemd_records (
     namespace        TEXT    NOT NULL,
     key              TEXT    NOT NULL,

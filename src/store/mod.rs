@@ -13,8 +13,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId,
-    Timestamp, Verdict,
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, Verdict,
 };
 use crate::error::{Error, Result};
 
@@ -37,19 +36,11 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Stores the response and COMPLETED in one statement when the token
     /// holds the live lease; a repeat by the same token answers the original
     /// timestamps. Wakes the key's waiters.
-    fn complete(
-        &self,
-        request: &CompleteRequest,
-    ) -> impl Future<Output = Result<Completion>> + Send;
+    fn complete(&self, request: &CompleteRequest) -> impl Future<Output = Result<Completion>> + Send;
 
     /// IN_PROGRESS → ABORTED (by the caller) when the token holds the live
     /// lease; a repeat by the same token is OK. Wakes the key's waiters.
-    fn abort(
-        &self,
-        id: &RecordId,
-        lease_token: &str,
-        reason: &str,
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> impl Future<Output = Result<()>> + Send;
 
     /// Extends a live lease to now + `lease_ttl`; returns the new expiry.
     fn heartbeat(
@@ -64,10 +55,7 @@ pub trait Store: Send + Sync + Clone + 'static {
 
     /// Aborts up to `limit` IN_PROGRESS records whose lease expired, safe
     /// with every replica doing it at once. Wakes their waiters.
-    fn reap_expired_leases(
-        &self,
-        limit: i64,
-    ) -> impl Future<Output = Result<Vec<ReapedLease>>> + Send;
+    fn reap_expired_leases(&self, limit: i64) -> impl Future<Output = Result<Vec<ReapedLease>>> + Send;
 
     /// Deletes up to `limit` records past their `expires_at`.
     fn purge_expired(&self, limit: i64) -> impl Future<Output = Result<u64>> + Send;
@@ -127,10 +115,7 @@ impl TokenCheck {
     pub fn repeated_complete(self, token: &str) -> Result<Completion> {
         match (self.state, self.completed_at) {
             (crate::domain::State::Completed, Some(completed_at)) if self.lease_token == token => {
-                Ok(Completion {
-                    completed_at,
-                    expires_at: self.expires_at,
-                })
+                Ok(Completion { completed_at, expires_at: self.expires_at })
             }
             _ => Err(Error::LeaseLost),
         }

@@ -15,19 +15,14 @@ use tokio_util::sync::CancellationToken;
 use super::{Store, TokenCheck, begin_rounds};
 use crate::config::DatabaseConfig;
 use crate::domain::{
-    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease,
-    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key,
-    new_lease_token,
+    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, ReapedLease, Record,
+    RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
 
 /// The NOTIFY channel; the payload is `namespace/key`.
 pub const WAKE_CHANNEL: &str = "idemd_wake";
-
-/// How long a call waits for a pooled connection before answering
-/// UNAVAILABLE: an outage must fail calls fast, not queue them.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -46,15 +41,15 @@ impl PgStore {
         let options = PgConnectOptions::from_str(config.database_url.expose())
             .map_err(Error::StoreUnavailable)?
             .application_name("idemd")
+            // The database abandons what the service already gave up on.
+            .options([("statement_timeout", config.store_timeout.as_millis().to_string())])
             .log_statements(tracing::log::LevelFilter::Trace);
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(config.store_timeout)
             .connect_lazy_with(options.clone());
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        let listen_pool =
+            PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout).connect_lazy_with(options);
         Ok(PgStore { pool, listen_pool })
     }
 
@@ -67,11 +62,7 @@ impl PgStore {
     /// Relays NOTIFYs from every replica to this replica's waiters until
     /// shutdown. After any gap in listening it wakes every waiter, so a
     /// notification lost meanwhile costs a re-check, never a stuck waiter.
-    pub fn spawn_wakeup_listener(
-        &self,
-        wakeups: Arc<Wakeups>,
-        shutdown: CancellationToken,
-    ) -> JoinHandle<()> {
+    pub fn spawn_wakeup_listener(&self, wakeups: Arc<Wakeups>, shutdown: CancellationToken) -> JoinHandle<()> {
         let pool = self.listen_pool.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -93,11 +84,7 @@ impl PgStore {
     }
 }
 
-async fn listen_until_error(
-    pool: &PgPool,
-    wakeups: &Wakeups,
-    shutdown: &CancellationToken,
-) -> Result<(), sqlx::Error> {
+async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &CancellationToken) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(WAKE_CHANNEL).await?;
     // Anything that finished while we were not listening.
@@ -242,9 +229,7 @@ fn state_of(row: &PgRow) -> Result<State> {
 }
 
 fn aborted_by_of(row: &PgRow) -> Result<Option<AbortedBy>> {
-    Ok(AbortedBy::from_code(
-        row.try_get::<Option<i16>, _>("aborted_by")?.map(i64::from),
-    ))
+    Ok(AbortedBy::from_code(row.try_get::<Option<i16>, _>("aborted_by")?.map(i64::from)))
 }
 
 fn token_check(row: &PgRow) -> Result<TokenCheck> {
@@ -345,12 +330,7 @@ impl Store for PgStore {
         }
     }
 
-    async fn heartbeat(
-        &self,
-        id: &RecordId,
-        lease_token: &str,
-        lease_ttl: Duration,
-    ) -> Result<Timestamp> {
+    async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {
         let row = sqlx::query(HEARTBEAT)
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
@@ -408,11 +388,7 @@ impl Store for PgStore {
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        Ok(sqlx::query(PURGE)
-            .bind(limit)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        Ok(sqlx::query(PURGE).bind(limit).execute(&self.pool).await?.rows_affected())
     }
 
     async fn ping(&self) -> Result<()> {
@@ -433,9 +409,7 @@ fn current_record(row: &PgRow) -> Result<CurrentRecord> {
         (State::Completed, Some(response)) => Some(StoredResponse {
             response,
             response_code: row.try_get::<Option<i32>, _>("response_code")?.unwrap_or(0),
-            content_type: row
-                .try_get::<Option<String>, _>("content_type")?
-                .unwrap_or_default(),
+            content_type: row.try_get::<Option<String>, _>("content_type")?.unwrap_or_default(),
             completed_at: row
                 .try_get::<Option<Timestamp>, _>("completed_at")?
                 .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,

@@ -1,33 +1,29 @@
 //! The embedded store (the default without a Postgres URL): one SQLite file
 //! in WAL mode for a laptop, a demo or one small instance. Same transitions
-//! as Postgres, each one statement; time is this process's clock, passed in
-//! as microseconds since the Unix epoch. Waiters are woken in-process.
+//! as Postgres, each one statement; time is SQLite's own clock (this
+//! machine's), read inside each statement, in microseconds since the Unix
+//! epoch. Waiters are woken in-process.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Row};
 
 use super::{Store, TokenCheck, begin_rounds};
 use crate::config::DatabaseConfig;
 use crate::domain::{
-    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease,
-    REAPER_REASON, ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros,
-    new_downstream_key, new_lease_token,
+    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, REAPER_REASON,
+    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// Writers queue on SQLite's single write lock for at most this long.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
@@ -35,13 +31,18 @@ pub struct SqliteStore {
     wakeups: Arc<Wakeups>,
 }
 
-fn now_us() -> i64 {
-    Utc::now().timestamp_micros()
+/// SQLite's clock in microseconds since the Unix epoch, written `$now` in
+/// the statements below. SQLite reads the clock once per statement, so every
+/// use within one statement agrees, and it reads it when the statement runs,
+/// after any wait for a connection or for the write lock.
+const NOW: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
+fn with_clock(sql: &str) -> String {
+    sql.replace("$now", NOW)
 }
 
 fn ts(us: i64) -> Result<Timestamp> {
-    DateTime::<Utc>::from_timestamp_micros(us)
-        .ok_or_else(|| Error::Internal(format!("timestamp {us} out of range")))
+    DateTime::<Utc>::from_timestamp_micros(us).ok_or_else(|| Error::Internal(format!("timestamp {us} out of range")))
 }
 
 impl SqliteStore {
@@ -54,16 +55,14 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a commit acknowledged to a caller survives a power loss.
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
+            // Writers queue on SQLite's single write lock for at most this long.
+            .busy_timeout(config.store_timeout)
             .log_statements(tracing::log::LevelFilter::Trace);
-        let mut pool = SqlitePoolOptions::new().max_connections(config.db_max_connections);
+        let mut pool =
+            SqlitePoolOptions::new().max_connections(config.db_max_connections).acquire_timeout(config.store_timeout);
         if in_memory {
             // Each connection to :memory: is its own database: keep exactly one, forever.
-            pool = pool
-                .max_connections(1)
-                .min_connections(1)
-                .idle_timeout(None)
-                .max_lifetime(None);
+            pool = pool.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
         }
         let pool = pool.connect_with(options).await?;
         Ok(SqliteStore { pool, wakeups })
@@ -74,109 +73,117 @@ impl SqliteStore {
     }
 
     async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
-        let row = sqlx::query(TOKEN_CHECK)
+        let row = sqlx::query(TOKEN_CHECK.as_str())
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
-            .bind(now_us())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(token_check).transpose()
     }
 }
 
-// ?9 is now in every statement that needs it.
-const BEGIN_ACQUIRE: &str = r#"
+const BEGIN_ACQUIRE_SQL: &str = r#"
 INSERT INTO idemd_records
     (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
      retention_us, created_at, updated_at, lease_expires_at, expires_at)
-VALUES (?1, ?2, 1, 1, ?3, ?6, ?7, ?8, ?5, ?9, ?9, ?9 + ?4, ?9 + max(?4, ?5))
+VALUES (?1, ?2, 1, 1, ?3, ?6, ?7, ?8, ?5, $now, $now, $now + ?4, $now + max(?4, ?5))
 ON CONFLICT (namespace, key) DO UPDATE SET
-    attempt          = CASE WHEN idemd_records.expires_at <= ?9 THEN 1 ELSE idemd_records.attempt + 1 END,
-    downstream_key   = CASE WHEN idemd_records.expires_at <= ?9 THEN excluded.downstream_key
+    attempt          = CASE WHEN idemd_records.expires_at <= $now THEN 1 ELSE idemd_records.attempt + 1 END,
+    downstream_key   = CASE WHEN idemd_records.expires_at <= $now THEN excluded.downstream_key
                             ELSE idemd_records.downstream_key END,
-    created_at       = CASE WHEN idemd_records.expires_at <= ?9 THEN ?9 ELSE idemd_records.created_at END,
-    expires_at       = CASE WHEN idemd_records.expires_at <= ?9 THEN excluded.expires_at
+    created_at       = CASE WHEN idemd_records.expires_at <= $now THEN $now ELSE idemd_records.created_at END,
+    expires_at       = CASE WHEN idemd_records.expires_at <= $now THEN excluded.expires_at
                             ELSE max(idemd_records.expires_at, excluded.expires_at) END,
     fingerprint      = excluded.fingerprint,
     state            = 1,
     lease_token      = excluded.lease_token,
     attempt_nonce    = excluded.attempt_nonce,
     retention_us     = excluded.retention_us,
-    updated_at       = ?9,
+    updated_at       = $now,
     lease_expires_at = excluded.lease_expires_at,
     completed_at = NULL, response = NULL, response_code = NULL, content_type = NULL,
     abort_reason = NULL, aborted_by = NULL
-WHERE idemd_records.expires_at <= ?9
+WHERE idemd_records.expires_at <= $now
    OR (idemd_records.fingerprint = excluded.fingerprint
-       AND (idemd_records.state = 3 OR (idemd_records.state = 1 AND idemd_records.lease_expires_at <= ?9)))
+       AND (idemd_records.state = 3 OR (idemd_records.state = 1 AND idemd_records.lease_expires_at <= $now)))
 RETURNING attempt, lease_expires_at, downstream_key
 "#;
 
-const BEGIN_READ: &str = r#"
+const BEGIN_READ_SQL: &str = r#"
 SELECT state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce, lease_expires_at,
-       response, response_code, content_type, completed_at, expires_at
+       response, response_code, content_type, completed_at, expires_at, $now AS now
 FROM idemd_records
-WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+WHERE namespace = ?1 AND key = ?2 AND expires_at > $now
 "#;
 
-const COMPLETE: &str = r#"
+const COMPLETE_SQL: &str = r#"
 UPDATE idemd_records
 SET state = 2, response = ?4, response_code = ?5, content_type = ?6,
-    completed_at = ?7, updated_at = ?7, expires_at = ?7 + retention_us
+    completed_at = $now, updated_at = $now, expires_at = $now + retention_us
 WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
-  AND lease_expires_at > ?7 AND expires_at > ?7
+  AND lease_expires_at > $now AND expires_at > $now
 RETURNING completed_at, expires_at
 "#;
 
-const ABORT: &str = r#"
+const ABORT_SQL: &str = r#"
 UPDATE idemd_records
-SET state = 3, aborted_by = 1, abort_reason = ?4, updated_at = ?5
+SET state = 3, aborted_by = 1, abort_reason = ?4, updated_at = $now
 WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
-  AND lease_expires_at > ?5 AND expires_at > ?5
+  AND lease_expires_at > $now AND expires_at > $now
 RETURNING attempt
 "#;
 
-const HEARTBEAT: &str = r#"
+const HEARTBEAT_SQL: &str = r#"
 UPDATE idemd_records
-SET lease_expires_at = ?5 + ?4,
-    expires_at = max(expires_at, ?5 + retention_us, ?5 + ?4),
-    updated_at = ?5
+SET lease_expires_at = $now + ?4,
+    expires_at = max(expires_at, $now + retention_us, $now + ?4),
+    updated_at = $now
 WHERE namespace = ?1 AND key = ?2 AND state = 1 AND lease_token = ?3
-  AND lease_expires_at > ?5 AND expires_at > ?5
+  AND lease_expires_at > $now AND expires_at > $now
 RETURNING lease_expires_at
 "#;
 
-const TOKEN_CHECK: &str = r#"
+const TOKEN_CHECK_SQL: &str = r#"
 SELECT state, lease_token, aborted_by, completed_at, expires_at
 FROM idemd_records
-WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+WHERE namespace = ?1 AND key = ?2 AND expires_at > $now
 "#;
 
-const LOOKUP: &str = r#"
+const LOOKUP_SQL: &str = r#"
 SELECT namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at,
        lease_expires_at, completed_at, expires_at, response, response_code, content_type,
        abort_reason, aborted_by
 FROM idemd_records
-WHERE namespace = ?1 AND key = ?2 AND expires_at > ?3
+WHERE namespace = ?1 AND key = ?2 AND expires_at > $now
 "#;
 
 // One statement: SQLite has a single writer, so the batch cannot race
 // another reaper; the re-check in WHERE keeps a concurrent takeover safe.
-const REAP: &str = r#"
+const REAP_SQL: &str = r#"
 UPDATE idemd_records
-SET state = 3, aborted_by = 2, abort_reason = ?3, updated_at = ?1
-WHERE state = 1 AND lease_expires_at <= ?1
+SET state = 3, aborted_by = 2, abort_reason = ?2, updated_at = $now
+WHERE state = 1 AND lease_expires_at <= $now
   AND rowid IN (SELECT rowid FROM idemd_records
-                WHERE state = 1 AND lease_expires_at <= ?1
-                ORDER BY lease_expires_at LIMIT ?2)
+                WHERE state = 1 AND lease_expires_at <= $now
+                ORDER BY lease_expires_at LIMIT ?1)
 RETURNING namespace, key, attempt
 "#;
 
-const PURGE: &str = r#"
+const PURGE_SQL: &str = r#"
 DELETE FROM idemd_records
-WHERE expires_at <= ?1
-  AND rowid IN (SELECT rowid FROM idemd_records WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)
+WHERE expires_at <= $now
+  AND rowid IN (SELECT rowid FROM idemd_records WHERE expires_at <= $now ORDER BY expires_at LIMIT ?1)
 "#;
+
+static BEGIN_ACQUIRE: LazyLock<String> = LazyLock::new(|| with_clock(BEGIN_ACQUIRE_SQL));
+static BEGIN_READ: LazyLock<String> = LazyLock::new(|| with_clock(BEGIN_READ_SQL));
+static COMPLETE: LazyLock<String> = LazyLock::new(|| with_clock(COMPLETE_SQL));
+static ABORT: LazyLock<String> = LazyLock::new(|| with_clock(ABORT_SQL));
+static HEARTBEAT: LazyLock<String> = LazyLock::new(|| with_clock(HEARTBEAT_SQL));
+static TOKEN_CHECK: LazyLock<String> = LazyLock::new(|| with_clock(TOKEN_CHECK_SQL));
+static LOOKUP: LazyLock<String> = LazyLock::new(|| with_clock(LOOKUP_SQL));
+static REAP: LazyLock<String> = LazyLock::new(|| with_clock(REAP_SQL));
+static PURGE: LazyLock<String> = LazyLock::new(|| with_clock(PURGE_SQL));
 
 fn attempt_of(row: &SqliteRow) -> Result<u32> {
     let attempt: i64 = row.try_get("attempt")?;
@@ -197,9 +204,7 @@ fn opt_ts_of(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>> {
 
 fn opt_i32_of(row: &SqliteRow, column: &str) -> Result<Option<i32>> {
     row.try_get::<Option<i64>, _>(column)?
-        .map(|v| {
-            i32::try_from(v).map_err(|_| Error::Internal(format!("{column} {v} out of range")))
-        })
+        .map(|v| i32::try_from(v).map_err(|_| Error::Internal(format!("{column} {v} out of range"))))
         .transpose()
 }
 
@@ -213,16 +218,14 @@ fn token_check(row: &SqliteRow) -> Result<TokenCheck> {
     })
 }
 
-fn current_record(row: &SqliteRow, now: i64) -> Result<CurrentRecord> {
+fn current_record(row: &SqliteRow) -> Result<CurrentRecord> {
     let state = state_of(row)?;
     let attempt = attempt_of(row)?;
     let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {
         (State::Completed, Some(response)) => Some(StoredResponse {
             response,
             response_code: opt_i32_of(row, "response_code")?.unwrap_or(0),
-            content_type: row
-                .try_get::<Option<String>, _>("content_type")?
-                .unwrap_or_default(),
+            content_type: row.try_get::<Option<String>, _>("content_type")?.unwrap_or_default(),
             completed_at: opt_ts_of(row, "completed_at")?
                 .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
             expires_at: ts_of(row, "expires_at")?,
@@ -239,7 +242,7 @@ fn current_record(row: &SqliteRow, now: i64) -> Result<CurrentRecord> {
         attempt_nonce: row.try_get("attempt_nonce")?,
         lease_expires_at: ts_of(row, "lease_expires_at")?,
         stored,
-        now: ts(now)?,
+        now: ts_of(row, "now")?,
     })
 }
 
@@ -248,7 +251,7 @@ impl Store for SqliteStore {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
-            let row = sqlx::query(BEGIN_ACQUIRE)
+            let row = sqlx::query(BEGIN_ACQUIRE.as_str())
                 .bind(id.namespace.as_str())
                 .bind(id.key.as_str())
                 .bind(request.fingerprint.as_slice())
@@ -257,7 +260,6 @@ impl Store for SqliteStore {
                 .bind(new_downstream_key())
                 .bind(token.as_str())
                 .bind(request.attempt_nonce.as_deref())
-                .bind(now_us())
                 .fetch_optional(&self.pool)
                 .await?;
             row.map(|row| {
@@ -271,28 +273,25 @@ impl Store for SqliteStore {
             .transpose()
         };
         let read = || async {
-            let now = now_us();
-            let row = sqlx::query(BEGIN_READ)
+            let row = sqlx::query(BEGIN_READ.as_str())
                 .bind(id.namespace.as_str())
                 .bind(id.key.as_str())
-                .bind(now)
                 .fetch_optional(&self.pool)
                 .await?;
-            row.map(|row| current_record(&row, now)).transpose()
+            row.map(|row| current_record(&row)).transpose()
         };
         begin_rounds(request, acquire, read).await
     }
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
         let id = &request.id;
-        let row = sqlx::query(COMPLETE)
+        let row = sqlx::query(COMPLETE.as_str())
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
             .bind(request.lease_token.as_str())
             .bind(request.response.as_slice())
             .bind(request.response_code)
             .bind(request.content_type.as_str())
-            .bind(now_us())
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
@@ -309,12 +308,11 @@ impl Store for SqliteStore {
     }
 
     async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
-        let row = sqlx::query(ABORT)
+        let row = sqlx::query(ABORT.as_str())
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
             .bind(lease_token)
             .bind(reason)
-            .bind(now_us())
             .fetch_optional(&self.pool)
             .await?;
         if row.is_some() {
@@ -327,18 +325,12 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn heartbeat(
-        &self,
-        id: &RecordId,
-        lease_token: &str,
-        lease_ttl: Duration,
-    ) -> Result<Timestamp> {
-        let row = sqlx::query(HEARTBEAT)
+    async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {
+        let row = sqlx::query(HEARTBEAT.as_str())
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
             .bind(lease_token)
             .bind(micros(lease_ttl))
-            .bind(now_us())
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
@@ -351,10 +343,9 @@ impl Store for SqliteStore {
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Record> {
-        let row = sqlx::query(LOOKUP)
+        let row = sqlx::query(LOOKUP.as_str())
             .bind(id.namespace.as_str())
             .bind(id.key.as_str())
-            .bind(now_us())
             .fetch_optional(&self.pool)
             .await?
             .ok_or(Error::NotFound)?;
@@ -379,12 +370,7 @@ impl Store for SqliteStore {
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
-        let rows = sqlx::query(REAP)
-            .bind(now_us())
-            .bind(limit)
-            .bind(REAPER_REASON)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(REAP.as_str()).bind(limit).bind(REAPER_REASON).fetch_all(&self.pool).await?;
         let reaped = rows
             .iter()
             .map(|row| {
@@ -396,19 +382,13 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>>>()?;
         for lease in &reaped {
-            self.wakeups
-                .wake_topic(&format!("{}/{}", lease.namespace, lease.key));
+            self.wakeups.wake_topic(&format!("{}/{}", lease.namespace, lease.key));
         }
         Ok(reaped)
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        Ok(sqlx::query(PURGE)
-            .bind(now_us())
-            .bind(limit)
-            .execute(&self.pool)
-            .await?
-            .rows_affected())
+        Ok(sqlx::query(PURGE.as_str()).bind(limit).execute(&self.pool).await?.rows_affected())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -10,62 +10,37 @@ use crate::helpers::*;
 async fn abort_releases_the_key(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("k")).await;
-    app.abort("k", &acquired.lease_token, "provider 503")
-        .await
-        .expect("abort");
+    app.abort("k", &acquired.lease_token, "provider 503").await.expect("abort");
     let record = app.lookup("k").await.expect("lookup");
     assert_eq!(record.state, pb::State::Aborted as i32);
     assert_eq!(record.aborted_by, pb::AbortedBy::Caller as i32);
     assert_eq!(record.abort_reason, "provider 503");
     // A repeat by the same token is OK and changes nothing.
-    app.abort("k", &acquired.lease_token, "again")
-        .await
-        .expect("repeated abort");
+    app.abort("k", &acquired.lease_token, "again").await.expect("repeated abort");
     assert_eq!(app.lookup("k").await.expect("lookup"), record);
 }
 
 async fn abort_of_a_completed_record_is_lease_lost(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("k")).await;
-    app.complete("k", &acquired.lease_token, b"ok")
-        .await
-        .expect("complete");
-    let status = app
-        .abort("k", &acquired.lease_token, "oops")
-        .await
-        .expect_err("completed");
+    app.complete("k", &acquired.lease_token, b"ok").await.expect("complete");
+    let status = app.abort("k", &acquired.lease_token, "oops").await.expect_err("completed");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    assert_eq!(
-        app.lookup("k").await.expect("lookup").state,
-        pb::State::Completed as i32
-    );
+    assert_eq!(app.lookup("k").await.expect("lookup").state, pb::State::Completed as i32);
 }
 
 async fn abort_with_a_stale_or_foreign_token_is_lease_lost(backend: Backend) {
     let app = spawn_app(backend).await;
     let first = app.acquire(begin_req("k")).await;
-    app.abort("k", &first.lease_token, "retry")
-        .await
-        .expect("abort");
+    app.abort("k", &first.lease_token, "retry").await.expect("abort");
     let second = app.acquire(begin_req("k")).await;
-    let status = app
-        .abort("k", &first.lease_token, "stale")
-        .await
-        .expect_err("stale");
+    let status = app.abort("k", &first.lease_token, "stale").await.expect_err("stale");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    let status = app
-        .abort("k", "lt_forged", "foreign")
-        .await
-        .expect_err("foreign");
+    let status = app.abort("k", "lt_forged", "foreign").await.expect_err("foreign");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
     let record = app.lookup("k").await.expect("lookup");
-    assert_eq!(
-        (record.state, record.attempt),
-        (pb::State::InProgress as i32, 2)
-    );
-    app.complete("k", &second.lease_token, b"ok")
-        .await
-        .expect("holder unaffected");
+    assert_eq!((record.state, record.attempt), (pb::State::InProgress as i32, 2));
+    app.complete("k", &second.lease_token, b"ok").await.expect("holder unaffected");
 }
 
 async fn abort_after_the_reaper_is_lease_lost(backend: Backend) {
@@ -77,15 +52,9 @@ async fn abort_after_the_reaper_is_lease_lost(backend: Backend) {
         (app.lookup("k").await.ok()?.aborted_by == pb::AbortedBy::Reaper as i32).then_some(())
     })
     .await;
-    let status = app
-        .abort("k", &acquired.lease_token, "late")
-        .await
-        .expect_err("reaped");
+    let status = app.abort("k", &acquired.lease_token, "late").await.expect_err("reaped");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    assert_eq!(
-        app.lookup("k").await.expect("lookup").abort_reason,
-        "lease expired"
-    );
+    assert_eq!(app.lookup("k").await.expect("lookup").abort_reason, "lease expired");
 }
 
 async fn abort_of_an_expired_lease_is_lease_lost(backend: Backend) {
@@ -94,15 +63,9 @@ async fn abort_of_an_expired_lease_is_lease_lost(backend: Backend) {
     request.lease_ttl = secs(1);
     let acquired = app.acquire(request).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let status = app
-        .abort("k", &acquired.lease_token, "late")
-        .await
-        .expect_err("expired");
+    let status = app.abort("k", &acquired.lease_token, "late").await.expect_err("expired");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    assert_eq!(
-        app.lookup("k").await.expect("lookup").state,
-        pb::State::InProgress as i32
-    );
+    assert_eq!(app.lookup("k").await.expect("lookup").state, pb::State::InProgress as i32);
 }
 
 async fn abort_of_an_absent_record_is_not_found(backend: Backend) {

@@ -12,35 +12,20 @@ async fn acquires_absent_key_as_attempt_1(backend: Backend) {
     let before = chrono::Utc::now();
     let acquired = app.acquire(begin_req("order-1")).await;
     assert_eq!(acquired.attempt, 1);
-    assert!(
-        acquired.lease_token.len() >= 32,
-        "token too short: {}",
-        acquired.lease_token
-    );
+    assert!(acquired.lease_token.len() >= 32, "token too short: {}", acquired.lease_token);
     let dk = &acquired.downstream_key;
     assert!(dk.starts_with("idk_") && dk.len() == 36, "{dk}");
-    assert!(
-        dk[4..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-        "{dk}"
-    );
+    assert!(dk[4..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{dk}");
     let lease_end = to_chrono(acquired.lease_expires_at);
     // Default lease: 60 s from now (clocks of test and store agree on one machine).
-    assert!(
-        lease_end > before + chrono::Duration::seconds(55)
-            && lease_end < before + chrono::Duration::seconds(65)
-    );
+    assert!(lease_end > before + chrono::Duration::seconds(55) && lease_end < before + chrono::Duration::seconds(65));
     let record = app.lookup("order-1").await.expect("lookup");
     assert_eq!(record.state, pb::State::InProgress as i32);
     assert_eq!(record.fingerprint, b"fp-1");
     assert_eq!(&record.downstream_key, dk);
     // expires_at = created_at + default retention (24 h).
     let retained = to_chrono(record.expires_at) - to_chrono(record.created_at);
-    assert!(
-        (retained - chrono::Duration::hours(24)).num_seconds().abs() <= 1,
-        "{retained}"
-    );
+    assert!((retained - chrono::Duration::hours(24)).num_seconds().abs() <= 1, "{retained}");
 }
 
 async fn fingerprint_mismatch_is_rejected_and_leaves_the_record(backend: Backend) {
@@ -50,10 +35,7 @@ async fn fingerprint_mismatch_is_rejected_and_leaves_the_record(backend: Backend
 
     let mut other = begin_req("k");
     other.fingerprint = b"fp-2".to_vec();
-    let status = app
-        .begin(other.clone())
-        .await
-        .expect_err("mismatch while in progress");
+    let status = app.begin(other.clone()).await.expect_err("mismatch while in progress");
     assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
     // Empty matches only empty.
     let mut empty = begin_req("k");
@@ -62,26 +44,16 @@ async fn fingerprint_mismatch_is_rejected_and_leaves_the_record(backend: Backend
     assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
     assert_eq!(app.lookup("k").await.expect("lookup"), before);
 
-    app.complete("k", &acquired.lease_token, b"ok")
-        .await
-        .expect("complete");
-    let status = app
-        .begin(other.clone())
-        .await
-        .expect_err("mismatch when completed");
+    app.complete("k", &acquired.lease_token, b"ok").await.expect("complete");
+    let status = app.begin(other.clone()).await.expect_err("mismatch when completed");
     assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
 
     let acquired = app.acquire(begin_req("k2")).await;
-    app.abort("k2", &acquired.lease_token, "transient")
-        .await
-        .expect("abort");
+    app.abort("k2", &acquired.lease_token, "transient").await.expect("abort");
     other.key = "k2".into();
     let status = app.begin(other).await.expect_err("mismatch when aborted");
     assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
-    assert_eq!(
-        app.lookup("k2").await.expect("lookup").state,
-        pb::State::Aborted as i32
-    );
+    assert_eq!(app.lookup("k2").await.expect("lookup").state, pb::State::Aborted as i32);
 }
 
 async fn empty_fingerprint_matches_empty(backend: Backend) {
@@ -89,23 +61,14 @@ async fn empty_fingerprint_matches_empty(backend: Backend) {
     let mut request = begin_req("k");
     request.fingerprint.clear();
     let acquired = app.acquire(request.clone()).await;
-    app.complete("k", &acquired.lease_token, b"done")
-        .await
-        .expect("complete");
-    assert!(matches!(
-        app.begin(request).await.expect("begin"),
-        Outcome::Completed(_)
-    ));
+    app.complete("k", &acquired.lease_token, b"done").await.expect("complete");
+    assert!(matches!(app.begin(request).await.expect("begin"), Outcome::Completed(_)));
 }
 
 async fn replays_completed_response_byte_for_byte(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("pay-1")).await;
-    let payload: Vec<u8> = (0..=255u8)
-        .chain([0, 0, 0xff, 0])
-        .cycle()
-        .take(4096)
-        .collect();
+    let payload: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, 0]).cycle().take(4096).collect();
     let mut client = app.client.clone();
     let done = client
         .complete(pb::CompleteRequest {
@@ -135,9 +98,7 @@ async fn replays_completed_response_byte_for_byte(backend: Backend) {
 async fn reacquires_after_abort_with_the_same_downstream_key(backend: Backend) {
     let app = spawn_app(backend).await;
     let first = app.acquire(begin_req("k")).await;
-    app.abort("k", &first.lease_token, "provider timeout")
-        .await
-        .expect("abort");
+    app.abort("k", &first.lease_token, "provider timeout").await.expect("abort");
     let second = app.acquire(begin_req("k")).await;
     assert_eq!(second.attempt, 2);
     assert_eq!(second.downstream_key, first.downstream_key);
@@ -158,14 +119,9 @@ async fn takes_over_an_expired_lease(backend: Backend) {
     let second = app.acquire(request).await;
     assert_eq!(second.attempt, 2);
     assert_eq!(second.downstream_key, first.downstream_key);
-    let status = app
-        .complete("k", &first.lease_token, b"late")
-        .await
-        .expect_err("superseded");
+    let status = app.complete("k", &first.lease_token, b"late").await.expect_err("superseded");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    app.complete("k", &second.lease_token, b"winner")
-        .await
-        .expect("complete");
+    app.complete("k", &second.lease_token, b"winner").await.expect("complete");
     let Outcome::Completed(replay) = app.begin(begin_req("k")).await.expect("begin") else {
         panic!("expected a replay");
     };
@@ -185,14 +141,8 @@ async fn holders_retry_with_its_nonce_gets_the_same_lease(backend: Backend) {
     assert_eq!(again, first, "same token, attempt and lease (not extended)");
 
     request.attempt_nonce = "nonce-b".into();
-    assert!(matches!(
-        app.begin(request).await.expect("begin"),
-        Outcome::InProgress(_)
-    ));
-    assert!(matches!(
-        app.begin(begin_req("k")).await.expect("begin"),
-        Outcome::InProgress(_)
-    ));
+    assert!(matches!(app.begin(request).await.expect("begin"), Outcome::InProgress(_)));
+    assert!(matches!(app.begin(begin_req("k")).await.expect("begin"), Outcome::InProgress(_)));
 }
 
 async fn live_lease_answers_in_progress(backend: Backend) {
@@ -222,10 +172,7 @@ async fn concurrent_begins_acquire_exactly_once(backend: Backend) {
         let app_client = app.client.clone();
         tokio::spawn(async move {
             let mut client = app_client;
-            client
-                .begin(begin_req("hot"))
-                .await
-                .map(|r| r.into_inner().outcome.expect("outcome"))
+            client.begin(begin_req("hot")).await.map(|r| r.into_inner().outcome.expect("outcome"))
         })
     });
     let outcomes = futures::future::join_all(calls).await;
@@ -262,23 +209,11 @@ async fn expired_record_acts_as_absent(backend: Backend) {
     request.retention = secs(1);
     request.lease_ttl = secs(1);
     let first = app.acquire(request.clone()).await;
-    app.complete("k", &first.lease_token, b"old")
-        .await
-        .expect("complete");
+    app.complete("k", &first.lease_token, b"old").await.expect("complete");
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
-    assert_error(
-        &app.lookup("k").await.expect_err("expired"),
-        Code::NotFound,
-        "NOT_FOUND",
-    );
-    assert_error(
-        &app.complete("k", &first.lease_token, b"x")
-            .await
-            .expect_err("expired"),
-        Code::NotFound,
-        "NOT_FOUND",
-    );
+    assert_error(&app.lookup("k").await.expect_err("expired"), Code::NotFound, "NOT_FOUND");
+    assert_error(&app.complete("k", &first.lease_token, b"x").await.expect_err("expired"), Code::NotFound, "NOT_FOUND");
     // Not purged yet, but a new Begin (even with another fingerprint) starts afresh.
     assert_eq!(app.row_count(NS, "k").await, 1);
     request.fingerprint = b"fp-new".to_vec();
@@ -299,10 +234,7 @@ async fn record_outlives_its_live_lease(backend: Backend) {
     let record = app.lookup("k").await.expect("lookup");
     assert!(to_chrono(record.expires_at) >= to_chrono(acquired.lease_expires_at));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(matches!(
-        app.begin(begin_req("k")).await.expect("begin"),
-        Outcome::InProgress(_)
-    ));
+    assert!(matches!(app.begin(begin_req("k")).await.expect("begin"), Outcome::InProgress(_)));
 }
 
 crate::both_stores!(

@@ -10,10 +10,7 @@ use crate::helpers::*;
 async fn complete_stores_the_outcome(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("k")).await;
-    let done = app
-        .complete("k", &acquired.lease_token, b"{\"charge\":\"ch_1\"}")
-        .await
-        .expect("complete");
+    let done = app.complete("k", &acquired.lease_token, b"{\"charge\":\"ch_1\"}").await.expect("complete");
     let record = app.lookup("k").await.expect("lookup");
     assert_eq!(record.state, pb::State::Completed as i32);
     assert_eq!(record.response, b"{\"charge\":\"ch_1\"}");
@@ -29,15 +26,9 @@ async fn complete_stores_the_outcome(backend: Backend) {
 async fn retried_complete_is_ok_and_changes_nothing(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("k")).await;
-    let first = app
-        .complete("k", &acquired.lease_token, b"first")
-        .await
-        .expect("complete");
+    let first = app.complete("k", &acquired.lease_token, b"first").await.expect("complete");
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let again = app
-        .complete("k", &acquired.lease_token, b"second")
-        .await
-        .expect("retried complete");
+    let again = app.complete("k", &acquired.lease_token, b"second").await.expect("retried complete");
     assert_eq!(again, first, "the reply carries the original timestamps");
     let record = app.lookup("k").await.expect("lookup");
     assert_eq!(record.response, b"first");
@@ -46,36 +37,21 @@ async fn retried_complete_is_ok_and_changes_nothing(backend: Backend) {
 async fn complete_after_another_attempt_took_over_is_lease_lost(backend: Backend) {
     let app = spawn_app(backend).await;
     let first = app.acquire(begin_req("k")).await;
-    app.abort("k", &first.lease_token, "retry")
-        .await
-        .expect("abort");
+    app.abort("k", &first.lease_token, "retry").await.expect("abort");
     let second = app.acquire(begin_req("k")).await;
-    let status = app
-        .complete("k", &first.lease_token, b"stale")
-        .await
-        .expect_err("stale token");
+    let status = app.complete("k", &first.lease_token, b"stale").await.expect_err("stale token");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
     // Nothing changed: the new holder still completes.
-    app.complete("k", &second.lease_token, b"ok")
-        .await
-        .expect("complete");
+    app.complete("k", &second.lease_token, b"ok").await.expect("complete");
 }
 
 async fn complete_of_an_aborted_record_is_lease_lost(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("k")).await;
-    app.abort("k", &acquired.lease_token, "retry")
-        .await
-        .expect("abort");
-    let status = app
-        .complete("k", &acquired.lease_token, b"x")
-        .await
-        .expect_err("aborted");
+    app.abort("k", &acquired.lease_token, "retry").await.expect("abort");
+    let status = app.complete("k", &acquired.lease_token, b"x").await.expect_err("aborted");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    assert_eq!(
-        app.lookup("k").await.expect("lookup").state,
-        pb::State::Aborted as i32
-    );
+    assert_eq!(app.lookup("k").await.expect("lookup").state, pb::State::Aborted as i32);
 }
 
 async fn complete_after_the_lease_expired_is_lease_lost(backend: Backend) {
@@ -84,39 +60,24 @@ async fn complete_after_the_lease_expired_is_lease_lost(backend: Backend) {
     request.lease_ttl = secs(1);
     let acquired = app.acquire(request).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let status = app
-        .complete("k", &acquired.lease_token, b"late")
-        .await
-        .expect_err("expired");
+    let status = app.complete("k", &acquired.lease_token, b"late").await.expect_err("expired");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    assert_eq!(
-        app.lookup("k").await.expect("lookup").state,
-        pb::State::InProgress as i32
-    );
+    assert_eq!(app.lookup("k").await.expect("lookup").state, pb::State::InProgress as i32);
 }
 
 async fn complete_with_a_foreign_token_is_lease_lost(backend: Backend) {
     let app = spawn_app(backend).await;
     app.acquire(begin_req("k")).await;
     let other = app.acquire(begin_req("other")).await;
-    let status = app
-        .complete("k", &other.lease_token, b"x")
-        .await
-        .expect_err("foreign");
+    let status = app.complete("k", &other.lease_token, b"x").await.expect_err("foreign");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    let status = app
-        .complete("k", "lt_forged", b"x")
-        .await
-        .expect_err("forged");
+    let status = app.complete("k", "lt_forged", b"x").await.expect_err("forged");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
 }
 
 async fn complete_of_an_absent_record_is_not_found(backend: Backend) {
     let app = spawn_app(backend).await;
-    let status = app
-        .complete("nope", "lt_x", b"x")
-        .await
-        .expect_err("absent");
+    let status = app.complete("nope", "lt_x", b"x").await.expect_err("absent");
     assert_error(&status, Code::NotFound, "NOT_FOUND");
 }
 
@@ -124,9 +85,7 @@ async fn largest_response_is_accepted(backend: Backend) {
     let app = spawn_app(backend).await;
     let acquired = app.acquire(begin_req("big")).await;
     let payload = vec![7u8; 1_048_576];
-    app.complete("big", &acquired.lease_token, &payload)
-        .await
-        .expect("1 MiB is allowed");
+    app.complete("big", &acquired.lease_token, &payload).await.expect("1 MiB is allowed");
     let Outcome::Completed(replay) = app.begin(begin_req("big")).await.expect("begin") else {
         panic!("expected a replay");
     };

@@ -14,26 +14,16 @@ async fn heartbeat_extends_a_live_lease(backend: Backend) {
     request.retention = secs(1);
     let acquired = app.acquire(request).await;
     let before = chrono::Utc::now();
-    let extended = app
-        .heartbeat("k", &acquired.lease_token, Some(Duration::from_secs(600)))
-        .await
-        .expect("heartbeat");
+    let extended = app.heartbeat("k", &acquired.lease_token, Some(Duration::from_secs(600))).await.expect("heartbeat");
     let lease_end = to_chrono(extended.lease_expires_at);
     assert!(
-        lease_end >= before + chrono::Duration::seconds(599)
-            && lease_end <= before + chrono::Duration::seconds(601)
+        lease_end >= before + chrono::Duration::seconds(599) && lease_end <= before + chrono::Duration::seconds(601)
     );
     let record = app.lookup("k").await.expect("lookup");
     assert_eq!(record.lease_expires_at, extended.lease_expires_at);
-    assert!(
-        to_chrono(record.expires_at) >= to_chrono(extended.lease_expires_at),
-        "expires_at grows with the lease"
-    );
+    assert!(to_chrono(record.expires_at) >= to_chrono(extended.lease_expires_at), "expires_at grows with the lease");
     // The default lease when none is given: 60 s.
-    let default = app
-        .heartbeat("k", &acquired.lease_token, None)
-        .await
-        .expect("heartbeat");
+    let default = app.heartbeat("k", &acquired.lease_token, None).await.expect("heartbeat");
     let lease_end = to_chrono(default.lease_expires_at);
     assert!(lease_end < before + chrono::Duration::seconds(70));
     // The lease outlives the original 5 s.
@@ -49,45 +39,26 @@ async fn heartbeat_cannot_revive_a_lost_lease(backend: Backend) {
     request.lease_ttl = secs(1);
     let acquired = app.acquire(request).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let status = app
-        .heartbeat("k", &acquired.lease_token, None)
-        .await
-        .expect_err("expired");
+    let status = app.heartbeat("k", &acquired.lease_token, None).await.expect_err("expired");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
 
     let done = app.acquire(begin_req("done")).await;
-    app.complete("done", &done.lease_token, b"ok")
-        .await
-        .expect("complete");
-    let status = app
-        .heartbeat("done", &done.lease_token, None)
-        .await
-        .expect_err("completed");
+    app.complete("done", &done.lease_token, b"ok").await.expect("complete");
+    let status = app.heartbeat("done", &done.lease_token, None).await.expect_err("completed");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
 
     let aborted = app.acquire(begin_req("aborted")).await;
-    app.abort("aborted", &aborted.lease_token, "")
-        .await
-        .expect("abort");
-    let status = app
-        .heartbeat("aborted", &aborted.lease_token, None)
-        .await
-        .expect_err("aborted");
+    app.abort("aborted", &aborted.lease_token, "").await.expect("abort");
+    let status = app.heartbeat("aborted", &aborted.lease_token, None).await.expect_err("aborted");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
 
-    let status = app
-        .heartbeat("k", "lt_forged", None)
-        .await
-        .expect_err("foreign");
+    let status = app.heartbeat("k", "lt_forged", None).await.expect_err("foreign");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
 }
 
 async fn heartbeat_of_an_absent_record_is_not_found(backend: Backend) {
     let app = spawn_app(backend).await;
-    let status = app
-        .heartbeat("nope", "lt_x", None)
-        .await
-        .expect_err("absent");
+    let status = app.heartbeat("nope", "lt_x", None).await.expect_err("absent");
     assert_error(&status, Code::NotFound, "NOT_FOUND");
 }
 

@@ -35,9 +35,7 @@ pub fn admin_url() -> String {
 /// Creates an empty Postgres database on the server at `admin` and returns its URL.
 pub async fn fresh_postgres_database(admin: &str) -> String {
     let name = format!("idemd_{}", uuid::Uuid::new_v4().simple());
-    let mut connection = sqlx::PgConnection::connect(admin)
-        .await
-        .expect("connect to the test cluster");
+    let mut connection = sqlx::PgConnection::connect(admin).await.expect("connect to the test cluster");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut connection)
         .await
@@ -75,10 +73,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
     let (database_url, dir) = match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temp dir");
-            (
-                format!("sqlite://{}", dir.path().join("idemd.db").display()),
-                Some(dir),
-            )
+            (format!("sqlite://{}", dir.path().join("idemd.db").display()), Some(dir))
         }
         Backend::Postgres => (fresh_postgres_database(&admin_url()).await, None),
     };
@@ -92,9 +87,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
 
 /// Starts a server with exactly this configuration (the database must exist).
 pub async fn spawn_on(config: ServeConfig) -> TestApp {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let database_url = config.database.database_url.expose().to_string();
     let (tx, rx) = oneshot::channel::<()>();
@@ -114,16 +107,13 @@ pub async fn spawn_on(config: ServeConfig) -> TestApp {
         handle: Some(handle),
         _dir: None,
     };
-    app.wait_for_readiness(ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    app.wait_for_readiness(ServingStatus::Serving, Duration::from_secs(30)).await;
     app
 }
 
 impl TestApp {
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect_lazy()
+        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect_lazy()
     }
 
     pub fn health(&self) -> HealthClient<Channel> {
@@ -131,13 +121,7 @@ impl TestApp {
     }
 
     pub async fn readiness(&self) -> Option<ServingStatus> {
-        let response = self
-            .health()
-            .check(HealthCheckRequest {
-                service: pb::SERVICE_NAME.into(),
-            })
-            .await
-            .ok()?;
+        let response = self.health().check(HealthCheckRequest { service: pb::SERVICE_NAME.into() }).await.ok()?;
         ServingStatus::try_from(response.into_inner().status).ok()
     }
 
@@ -149,15 +133,9 @@ impl TestApp {
                 return;
             }
             if let Some(handle) = &self.handle {
-                assert!(
-                    !handle.is_finished(),
-                    "the server stopped while waiting for readiness {want:?}"
-                );
+                assert!(!handle.is_finished(), "the server stopped while waiting for readiness {want:?}");
             }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "readiness did not become {want:?} within {deadline:?}"
-            );
+            assert!(tokio::time::Instant::now() < until, "readiness did not become {want:?} within {deadline:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -179,26 +157,12 @@ impl TestApp {
         let sql = "SELECT COUNT(*) FROM idemd_records WHERE namespace = $1 AND key = $2";
         match self.backend {
             Backend::Postgres => {
-                let mut c = sqlx::PgConnection::connect(&self.database_url)
-                    .await
-                    .expect("connect");
-                sqlx::query_scalar(sql)
-                    .bind(namespace)
-                    .bind(key)
-                    .fetch_one(&mut c)
-                    .await
-                    .expect("count")
+                let mut c = sqlx::PgConnection::connect(&self.database_url).await.expect("connect");
+                sqlx::query_scalar(sql).bind(namespace).bind(key).fetch_one(&mut c).await.expect("count")
             }
             Backend::Sqlite => {
-                let mut c = sqlx::SqliteConnection::connect(&self.database_url)
-                    .await
-                    .expect("connect");
-                sqlx::query_scalar(sql)
-                    .bind(namespace)
-                    .bind(key)
-                    .fetch_one(&mut c)
-                    .await
-                    .expect("count")
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect");
+                sqlx::query_scalar(sql).bind(namespace).bind(key).fetch_one(&mut c).await.expect("count")
             }
         }
     }
@@ -215,12 +179,7 @@ impl TestApp {
         }
     }
 
-    pub async fn complete(
-        &self,
-        key: &str,
-        token: &str,
-        response: &[u8],
-    ) -> Result<pb::CompleteResponse, Status> {
+    pub async fn complete(&self, key: &str, token: &str, response: &[u8]) -> Result<pb::CompleteResponse, Status> {
         self.client
             .clone()
             .complete(pb::CompleteRequest {
@@ -269,10 +228,7 @@ impl TestApp {
     pub async fn lookup(&self, key: &str) -> Result<pb::Record, Status> {
         self.client
             .clone()
-            .lookup(pb::LookupRequest {
-                namespace: NS.into(),
-                key: key.into(),
-            })
+            .lookup(pb::LookupRequest { namespace: NS.into(), key: key.into() })
             .await
             .map(|r| r.into_inner().record.expect("a record"))
     }
@@ -288,19 +244,11 @@ impl Drop for TestApp {
 
 /// A Begin for `key` in the test namespace with fingerprint `fp-1`.
 pub fn begin_req(key: &str) -> pb::BeginRequest {
-    pb::BeginRequest {
-        namespace: NS.into(),
-        key: key.into(),
-        fingerprint: b"fp-1".to_vec(),
-        ..Default::default()
-    }
+    pb::BeginRequest { namespace: NS.into(), key: key.into(), fingerprint: b"fp-1".to_vec(), ..Default::default() }
 }
 
 pub fn duration(value: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: value.as_secs() as i64,
-        nanos: value.subsec_nanos() as i32,
-    }
+    prost_types::Duration { seconds: value.as_secs() as i64, nanos: value.subsec_nanos() as i32 }
 }
 
 pub fn secs(value: u64) -> Option<prost_types::Duration> {
@@ -316,9 +264,7 @@ pub fn to_chrono(value: Option<prost_types::Timestamp>) -> chrono::DateTime<chro
 #[track_caller]
 pub fn assert_error(status: &Status, code: Code, reason: &str) {
     assert_eq!(status.code(), code, "unexpected status: {status:?}");
-    let info = status
-        .get_details_error_info()
-        .unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
+    let info = status.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo in {status:?}"));
     assert_eq!(info.reason, reason, "{status:?}");
     assert_eq!(info.domain, "idemd");
 }
@@ -327,20 +273,9 @@ pub fn assert_error(status: &Status, code: Code, reason: &str) {
 #[track_caller]
 pub fn assert_invalid_field(status: &Status, field: &str) {
     assert_error(status, Code::InvalidArgument, "INVALID_FIELD");
-    let bad_request = status
-        .get_details_bad_request()
-        .unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
-    assert!(
-        bad_request
-            .field_violations
-            .iter()
-            .any(|v| v.field == field),
-        "no violation for {field} in {status:?}"
-    );
-    assert!(
-        status.message().contains(field),
-        "message should name {field}: {status:?}"
-    );
+    let bad_request = status.get_details_bad_request().unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+    assert!(bad_request.field_violations.iter().any(|v| v.field == field), "no violation for {field} in {status:?}");
+    assert!(status.message().contains(field), "message should name {field}: {status:?}");
 }
 
 /// Runs the scenario against both stores, one test each.
@@ -377,10 +312,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "{what}: not within {deadline:?}"
-        );
+        assert!(tokio::time::Instant::now() < until, "{what}: not within {deadline:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

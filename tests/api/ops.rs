@@ -15,9 +15,7 @@ async fn liveness_and_readiness_are_serving(backend: Backend) {
     let mut health = app.health();
     for service in ["", pb::SERVICE_NAME] {
         let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
+            .check(HealthCheckRequest { service: service.into() })
             .await
             .expect("health check")
             .into_inner()
@@ -38,25 +36,15 @@ async fn reflection_lists_the_services_v1_and_v1alpha(backend: Backend) {
             host: String::new(),
             message_request: Some(MessageRequest::ListServices(String::new())),
         };
-        let mut stream = client
-            .server_reflection_info(tokio_stream::once(request))
-            .await
-            .expect("reflection v1")
-            .into_inner();
-        let response = stream
-            .message()
-            .await
-            .expect("message")
-            .expect("a response");
+        let mut stream =
+            client.server_reflection_info(tokio_stream::once(request)).await.expect("reflection v1").into_inner();
+        let response = stream.message().await.expect("message").expect("a response");
         let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
             panic!("unexpected {response:?}");
         };
         let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.contains(&pb::SERVICE_NAME.to_string()), "{names:?}");
-        assert!(
-            names.contains(&"grpc.health.v1.Health".to_string()),
-            "{names:?}"
-        );
+        assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
     }
     {
         use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
@@ -66,20 +54,11 @@ async fn reflection_lists_the_services_v1_and_v1alpha(backend: Backend) {
         let mut client = ServerReflectionClient::new(app.channel());
         let request = ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                pb::SERVICE_NAME.into(),
-            )),
+            message_request: Some(MessageRequest::FileContainingSymbol(pb::SERVICE_NAME.into())),
         };
-        let mut stream = client
-            .server_reflection_info(tokio_stream::once(request))
-            .await
-            .expect("reflection v1alpha")
-            .into_inner();
-        let response = stream
-            .message()
-            .await
-            .expect("message")
-            .expect("a response");
+        let mut stream =
+            client.server_reflection_info(tokio_stream::once(request)).await.expect("reflection v1alpha").into_inner();
+        let response = stream.message().await.expect("message").expect("a response");
         assert!(
             matches!(response.message_response, Some(MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
             "{response:?}"
@@ -92,10 +71,9 @@ async fn migrate_is_idempotent(backend: Backend) {
     let database = DatabaseConfig {
         database_url: idemd::config::DatabaseUrl::new(app.database_url.clone()),
         db_max_connections: 2,
+        store_timeout: Duration::from_secs(5),
     };
-    idemd::server::migrate(&database)
-        .await
-        .expect("migrations already applied: no-op");
+    idemd::server::migrate(&database).await.expect("migrations already applied: no-op");
     app.acquire(begin_req("still-works")).await;
 }
 
@@ -110,9 +88,7 @@ async fn invalid_settings_stop_start_up_naming_the_setting() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = test_config(&format!("sqlite://{}", dir.path().join("x.db").display()));
     config.default_lease_ttl = Duration::from_secs(7200);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let error = idemd::server::run(config, listener, std::future::pending())
         .await
         .expect_err("a lease default over 1 h is refused");

@@ -32,16 +32,8 @@ impl Cluster {
     }
 
     fn pg(&self, tool: &str, args: &[&str]) {
-        let output = self
-            .command(tool)
-            .args(args)
-            .output()
-            .expect("run a PostgreSQL tool");
-        assert!(
-            output.status.success(),
-            "{tool} {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = self.command(tool).args(args).output().expect("run a PostgreSQL tool");
+        assert!(output.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     }
 
     fn data(&self) -> String {
@@ -49,78 +41,30 @@ impl Cluster {
     }
 
     fn new() -> Cluster {
-        let bindir = PathBuf::from(
-            std::env::var("IDEMD_TEST_PG_BINDIR").expect("IDEMD_TEST_PG_BINDIR: run scripts/test"),
-        );
+        let bindir =
+            PathBuf::from(std::env::var("IDEMD_TEST_PG_BINDIR").expect("IDEMD_TEST_PG_BINDIR: run scripts/test"));
         let user = std::env::var("IDEMD_TEST_PG_USER").unwrap_or_default();
-        let tmp = std::env::var("IDEMD_TEST_TMP")
-            .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
-        let dir = tempfile::Builder::new()
-            .prefix("outage")
-            .tempdir_in(tmp)
-            .expect("cluster dir");
+        let tmp = std::env::var("IDEMD_TEST_TMP").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+        let dir = tempfile::Builder::new().prefix("outage").tempdir_in(tmp).expect("cluster dir");
         if !user.is_empty() {
-            let ok = Command::new("chown")
-                .args([&user, &dir.path().display().to_string()])
-                .status()
-                .expect("chown");
+            let ok = Command::new("chown").args([&user, &dir.path().display().to_string()]).status().expect("chown");
             assert!(ok.success());
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let cluster = Cluster {
-            bindir,
-            user,
-            dir,
-            port,
-        };
-        cluster.pg(
-            "initdb",
-            &[
-                "-D",
-                &cluster.data(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-            ],
-        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+        let cluster = Cluster { bindir, user, dir, port };
+        cluster.pg("initdb", &["-D", &cluster.data(), "-U", "postgres", "--auth=trust", "--no-sync"]);
         cluster.start();
         cluster
     }
 
     fn start(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.dir.path().display()
-        );
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display());
         let log = self.dir.path().join("log").display().to_string();
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-l",
-                &log,
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &options,
-                "start",
-            ],
-        );
+        self.pg("pg_ctl", &["-D", &self.data(), "-l", &log, "-w", "-t", "60", "-o", &options, "start"]);
     }
 
     fn stop_immediately(&self) {
-        self.pg(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        );
+        self.pg("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
     }
 
     fn url(&self) -> String {
@@ -131,10 +75,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let data = self.data();
-        let _ = self
-            .command("pg_ctl")
-            .args(["-D", &data, "-m", "immediate", "stop"])
-            .output();
+        let _ = self.command("pg_ctl").args(["-D", &data, "-m", "immediate", "stop"]).output();
     }
 }
 
@@ -146,8 +87,7 @@ async fn readiness_follows_a_postgres_outage_without_restart() {
     app.acquire(begin_req("before")).await;
 
     cluster.stop_immediately();
-    app.wait_for_readiness(ServingStatus::NotServing, Duration::from_secs(20))
-        .await;
+    app.wait_for_readiness(ServingStatus::NotServing, Duration::from_secs(20)).await;
     // Fail closed: never `acquired` while the store cannot confirm it.
     for key in ["during-1", "during-2", "before"] {
         let status = app.begin(begin_req(key)).await.expect_err("store is down");
@@ -156,17 +96,14 @@ async fn readiness_follows_a_postgres_outage_without_restart() {
     // Liveness stays SERVING: the process is fine, only the store is not.
     let live = app
         .health()
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await
         .expect("liveness")
         .into_inner();
     assert_eq!(live.status, ServingStatus::Serving as i32);
 
     cluster.start();
-    app.wait_for_readiness(ServingStatus::Serving, Duration::from_secs(30))
-        .await;
+    app.wait_for_readiness(ServingStatus::Serving, Duration::from_secs(30)).await;
     let acquired = eventually("Begin succeeds again", Duration::from_secs(20), || async {
         match app.begin(begin_req("after")).await {
             Ok(Outcome::Acquired(lease)) => Some(lease),
@@ -180,8 +117,5 @@ async fn readiness_follows_a_postgres_outage_without_restart() {
     .await;
     assert_eq!(acquired.attempt, 1);
     // What was acquired before the outage is still held.
-    assert!(matches!(
-        app.begin(begin_req("before")).await.expect("begin"),
-        Outcome::InProgress(_)
-    ));
+    assert!(matches!(app.begin(begin_req("before")).await.expect("begin"), Outcome::InProgress(_)));
 }

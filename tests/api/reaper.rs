@@ -13,14 +13,10 @@ async fn reaper_aborts_a_crashed_callers_lease(backend: Backend) {
     request.lease_ttl = secs(1);
     // The caller acquires, maybe charges, and dies: no Complete, no Abort.
     let crashed = app.acquire(request.clone()).await;
-    let record = eventually(
-        "the reaper aborts the lease",
-        Duration::from_secs(10),
-        || async {
-            let record = app.lookup("crash").await.ok()?;
-            (record.state == pb::State::Aborted as i32).then_some(record)
-        },
-    )
+    let record = eventually("the reaper aborts the lease", Duration::from_secs(10), || async {
+        let record = app.lookup("crash").await.ok()?;
+        (record.state == pb::State::Aborted as i32).then_some(record)
+    })
     .await;
     assert_eq!(record.abort_reason, "lease expired");
     assert_eq!(record.aborted_by, pb::AbortedBy::Reaper as i32);
@@ -28,31 +24,18 @@ async fn reaper_aborts_a_crashed_callers_lease(backend: Backend) {
 
     let retry = app.acquire(request).await;
     assert_eq!(retry.attempt, 2);
-    assert_eq!(
-        retry.downstream_key, crashed.downstream_key,
-        "the provider dedupes the retry"
-    );
-    let status = app
-        .complete("crash", &crashed.lease_token, b"zombie")
-        .await
-        .expect_err("old token");
+    assert_eq!(retry.downstream_key, crashed.downstream_key, "the provider dedupes the retry");
+    let status = app.complete("crash", &crashed.lease_token, b"zombie").await.expect_err("old token");
     assert_error(&status, Code::FailedPrecondition, "LEASE_LOST");
-    app.complete("crash", &retry.lease_token, b"ok")
-        .await
-        .expect("complete");
+    app.complete("crash", &retry.lease_token, b"ok").await.expect("complete");
 }
 
 async fn reaper_leaves_live_leases_alone(backend: Backend) {
     let app = spawn_app_with(backend, |c| c.reaper_interval = Duration::from_millis(50)).await;
     let acquired = app.acquire(begin_req("live")).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        app.lookup("live").await.expect("lookup").state,
-        pb::State::InProgress as i32
-    );
-    app.complete("live", &acquired.lease_token, b"ok")
-        .await
-        .expect("complete");
+    assert_eq!(app.lookup("live").await.expect("lookup").state, pb::State::InProgress as i32);
+    app.complete("live", &acquired.lease_token, b"ok").await.expect("complete");
 }
 
 async fn purger_deletes_expired_records(backend: Backend) {
@@ -65,19 +48,13 @@ async fn purger_deletes_expired_records(backend: Backend) {
     short.retention = secs(1);
     short.lease_ttl = secs(1);
     let acquired = app.acquire(short).await;
-    app.complete("short", &acquired.lease_token, b"ok")
-        .await
-        .expect("complete");
+    app.complete("short", &acquired.lease_token, b"ok").await.expect("complete");
     let kept = app.acquire(begin_req("kept")).await;
-    app.complete("kept", &kept.lease_token, b"ok")
-        .await
-        .expect("complete");
+    app.complete("kept", &kept.lease_token, b"ok").await.expect("complete");
 
-    eventually(
-        "the purger deletes the expired record",
-        Duration::from_secs(10),
-        || async { (app.row_count(NS, "short").await == 0).then_some(()) },
-    )
+    eventually("the purger deletes the expired record", Duration::from_secs(10), || async {
+        (app.row_count(NS, "short").await == 0).then_some(())
+    })
     .await;
     assert_eq!(app.row_count(NS, "kept").await, 1, "live records stay");
 }

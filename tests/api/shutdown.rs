@@ -20,10 +20,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_idemd"))
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
-        .args([
-            "--database-url",
-            &format!("sqlite://{}", dir.path().join("idemd.db").display()),
-        ])
+        .args(["--database-url", &format!("sqlite://{}", dir.path().join("idemd.db").display())])
         .args(["--shutdown-grace", "10s"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -37,31 +34,18 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("addr=").nth(1) {
-                let _ = addr_tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
+                let _ = addr_tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
             }
         }
     });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("idemd logs its address");
+    let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("idemd logs its address");
     let url = format!("http://{addr}");
-    let channel = tonic::transport::Channel::from_shared(url.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = tonic::transport::Channel::from_shared(url.clone()).expect("uri").connect().await.expect("connect");
     let mut health = HealthClient::new(channel.clone());
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = health
-            .check(HealthCheckRequest {
-                service: idemd::pb::SERVICE_NAME.into(),
-            })
+            .check(HealthCheckRequest { service: idemd::pb::SERVICE_NAME.into() })
             .await
             .map(|r| r.into_inner().status)
             .ok();
@@ -71,31 +55,12 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         assert!(Instant::now() < until, "idemd never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut readiness = health
-        .watch(HealthCheckRequest {
-            service: idemd::pb::SERVICE_NAME.into(),
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    assert_eq!(
-        readiness
-            .message()
-            .await
-            .expect("watch")
-            .expect("status")
-            .status,
-        ServingStatus::Serving as i32
-    );
+    let mut readiness =
+        health.watch(HealthCheckRequest { service: idemd::pb::SERVICE_NAME.into() }).await.expect("watch").into_inner();
+    assert_eq!(readiness.message().await.expect("watch").expect("status").status, ServingStatus::Serving as i32);
 
     let mut client = IdempotencyClient::new(channel);
-    let holder = match client
-        .begin(begin_req("k"))
-        .await
-        .expect("begin")
-        .into_inner()
-        .outcome
-    {
+    let holder = match client.begin(begin_req("k")).await.expect("begin").into_inner().outcome {
         Some(Outcome::Acquired(lease)) => lease,
         other => panic!("{other:?}"),
     };
@@ -108,10 +73,7 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .expect("kill");
+    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill");
     assert!(killed.success());
 
     // Readiness goes NOT_SERVING first.
@@ -129,21 +91,13 @@ async fn sigterm_drains_in_flight_calls_and_exits_zero() {
         .expect("the waiter is answered during the drain")
         .expect("task")
         .expect("an OK answer");
-    assert!(matches!(
-        answer.into_inner().outcome,
-        Some(Outcome::InProgress(_))
-    ));
+    assert!(matches!(answer.into_inner().outcome, Some(Outcome::InProgress(_))));
 
     // New calls are refused.
-    let fresh = tonic::transport::Channel::from_shared(url)
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(2));
+    let fresh = tonic::transport::Channel::from_shared(url).expect("uri").connect_timeout(Duration::from_secs(2));
     let refused = match fresh.connect().await {
         Err(_) => true,
-        Ok(channel) => IdempotencyClient::new(channel)
-            .begin(begin_req("new"))
-            .await
-            .is_err(),
+        Ok(channel) => IdempotencyClient::new(channel).begin(begin_req("new")).await.is_err(),
     };
     assert!(refused, "a new call after SIGTERM must be refused");
 

@@ -28,133 +28,27 @@ fn bad_identities() -> Vec<(&'static str, String, String)> {
 async fn malformed_begin_fields_are_invalid_argument(backend: Backend) {
     let app = spawn_app(backend).await;
     for (field, namespace, key) in bad_identities() {
-        let request = pb::BeginRequest {
-            namespace,
-            key,
-            ..begin_req("k")
-        };
+        let request = pb::BeginRequest { namespace, key, ..begin_req("k") };
         assert_invalid_field(&app.begin(request).await.expect_err(field), field);
     }
     let cases: Vec<(&str, pb::BeginRequest)> = vec![
-        (
-            "fingerprint",
-            pb::BeginRequest {
-                fingerprint: vec![1; 65],
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(0, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(0, 999_999_999),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(3601, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(-5, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(5, -1),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(5, 1_000_000_000),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "lease_ttl",
-            pb::BeginRequest {
-                lease_ttl: d(i64::MAX, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "retention",
-            pb::BeginRequest {
-                retention: d(0, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "retention",
-            pb::BeginRequest {
-                retention: d(3600, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "retention",
-            pb::BeginRequest {
-                retention: d(31 * 24 * 3600, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "retention",
-            pb::BeginRequest {
-                retention: d(-86400, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "wait_timeout",
-            pb::BeginRequest {
-                wait_timeout: d(61, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "wait_timeout",
-            pb::BeginRequest {
-                wait_timeout: d(-1, 0),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "wait_timeout",
-            pb::BeginRequest {
-                wait_timeout: d(1, -5),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "attempt_nonce",
-            pb::BeginRequest {
-                attempt_nonce: "n".repeat(129),
-                ..begin_req("k")
-            },
-        ),
-        (
-            "attempt_nonce",
-            pb::BeginRequest {
-                attempt_nonce: "n\u{0}".into(),
-                ..begin_req("k")
-            },
-        ),
+        ("fingerprint", pb::BeginRequest { fingerprint: vec![1; 65], ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(0, 0), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(0, 999_999_999), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(3601, 0), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(-5, 0), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(5, -1), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(5, 1_000_000_000), ..begin_req("k") }),
+        ("lease_ttl", pb::BeginRequest { lease_ttl: d(i64::MAX, 0), ..begin_req("k") }),
+        ("retention", pb::BeginRequest { retention: d(0, 0), ..begin_req("k") }),
+        ("retention", pb::BeginRequest { retention: d(3600, 0), ..begin_req("k") }),
+        ("retention", pb::BeginRequest { retention: d(31 * 24 * 3600, 0), ..begin_req("k") }),
+        ("retention", pb::BeginRequest { retention: d(-86400, 0), ..begin_req("k") }),
+        ("wait_timeout", pb::BeginRequest { wait_timeout: d(61, 0), ..begin_req("k") }),
+        ("wait_timeout", pb::BeginRequest { wait_timeout: d(-1, 0), ..begin_req("k") }),
+        ("wait_timeout", pb::BeginRequest { wait_timeout: d(1, -5), ..begin_req("k") }),
+        ("attempt_nonce", pb::BeginRequest { attempt_nonce: "n".repeat(129), ..begin_req("k") }),
+        ("attempt_nonce", pb::BeginRequest { attempt_nonce: "n\u{0}".into(), ..begin_req("k") }),
     ];
     for (field, request) in cases {
         let status = app.begin(request.clone()).await.expect_err(field);
@@ -171,17 +65,9 @@ async fn malformed_begin_fields_are_invalid_argument(backend: Backend) {
         attempt_nonce: "n".repeat(128),
     };
     app.acquire(ok).await;
-    let one_second = pb::BeginRequest {
-        lease_ttl: secs(1),
-        retention: secs(86400),
-        ..begin_req("b")
-    };
+    let one_second = pb::BeginRequest { lease_ttl: secs(1), retention: secs(86400), ..begin_req("b") };
     app.acquire(one_second).await;
-    assert_eq!(
-        app.row_count(NS, "k").await,
-        0,
-        "no rejected request wrote anything"
-    );
+    assert_eq!(app.row_count(NS, "k").await, 0, "no rejected request wrote anything");
 }
 
 async fn malformed_complete_abort_heartbeat_lookup_fields_are_invalid_argument(backend: Backend) {
@@ -227,14 +113,8 @@ async fn malformed_complete_abort_heartbeat_lookup_fields_are_invalid_argument(b
     for (field, request) in [
         ("lease_token", complete(|r| r.lease_token.clear())),
         ("response", complete(|r| r.response = vec![0; 1001])),
-        (
-            "content_type",
-            complete(|r| r.content_type = "t".repeat(256)),
-        ),
-        (
-            "content_type",
-            complete(|r| r.content_type = "text/plain\n".into()),
-        ),
+        ("content_type", complete(|r| r.content_type = "t".repeat(256))),
+        ("content_type", complete(|r| r.content_type = "text/plain\n".into())),
     ] {
         assert_invalid_field(&client.complete(request).await.expect_err(field), field);
     }
@@ -244,61 +124,22 @@ async fn malformed_complete_abort_heartbeat_lookup_fields_are_invalid_argument(b
         lease_token: token.into(),
         reason,
     };
-    assert_invalid_field(
-        &client
-            .abort(abort("", String::new()))
-            .await
-            .expect_err("token"),
-        "lease_token",
-    );
-    assert_invalid_field(
-        &client
-            .abort(abort(&token, "r".repeat(1025)))
-            .await
-            .expect_err("reason"),
-        "reason",
-    );
-    assert_invalid_field(
-        &client
-            .abort(abort(&token, "a\u{0}".into()))
-            .await
-            .expect_err("reason"),
-        "reason",
-    );
+    assert_invalid_field(&client.abort(abort("", String::new())).await.expect_err("token"), "lease_token");
+    assert_invalid_field(&client.abort(abort(&token, "r".repeat(1025))).await.expect_err("reason"), "reason");
+    assert_invalid_field(&client.abort(abort(&token, "a\u{0}".into())).await.expect_err("reason"), "reason");
     let heartbeat = |token: &str, ttl| pb::HeartbeatRequest {
         namespace: NS.into(),
         key: "k".into(),
         lease_token: token.into(),
         lease_ttl: ttl,
     };
-    assert_invalid_field(
-        &client
-            .heartbeat(heartbeat("", None))
-            .await
-            .expect_err("token"),
-        "lease_token",
-    );
-    assert_invalid_field(
-        &client
-            .heartbeat(heartbeat(&token, d(0, 0)))
-            .await
-            .expect_err("ttl"),
-        "lease_ttl",
-    );
-    assert_invalid_field(
-        &client
-            .heartbeat(heartbeat(&token, d(7200, 0)))
-            .await
-            .expect_err("ttl"),
-        "lease_ttl",
-    );
+    assert_invalid_field(&client.heartbeat(heartbeat("", None)).await.expect_err("token"), "lease_token");
+    assert_invalid_field(&client.heartbeat(heartbeat(&token, d(0, 0))).await.expect_err("ttl"), "lease_ttl");
+    assert_invalid_field(&client.heartbeat(heartbeat(&token, d(7200, 0))).await.expect_err("ttl"), "lease_ttl");
 
     // The record is untouched and the holder can still finish at the limit.
     let exactly = complete(|r| r.response = vec![0; 1000]);
-    client
-        .complete(exactly)
-        .await
-        .expect("a response of exactly max_response_bytes");
+    client.complete(exactly).await.expect("a response of exactly max_response_bytes");
 }
 
 /// BeginRequest with `key` as bytes, to send invalid UTF-8 on the wire.
@@ -315,15 +156,9 @@ async fn undecodable_request_is_invalid_argument(backend: Backend) {
     let mut grpc = tonic::client::Grpc::new(app.channel());
     grpc.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<RawBeginRequest, pb::BeginResponse>::default();
-    let request = RawBeginRequest {
-        namespace: NS.into(),
-        key: vec![b'k', 0xff, 0xfe],
-    };
+    let request = RawBeginRequest { namespace: NS.into(), key: vec![b'k', 0xff, 0xfe] };
     let path = http::uri::PathAndQuery::from_static("/idemd.v1.Idempotency/Begin");
-    let status = grpc
-        .unary(tonic::Request::new(request), path, codec)
-        .await
-        .expect_err("invalid UTF-8 is rejected");
+    let status = grpc.unary(tonic::Request::new(request), path, codec).await.expect_err("invalid UTF-8 is rejected");
     assert_invalid_field(&status, "key");
     // The server is fine.
     app.acquire(begin_req("after")).await;

@@ -22,24 +22,12 @@ async fn waiter_receives_the_holders_completion(backend: Backend) {
     let app = spawn_app(backend).await;
     let holder = app.acquire(begin_req("k")).await;
     let mut client = app.client.clone();
-    let waiter =
-        tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
+    let waiter = tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let completed_at = Instant::now();
-    app.complete("k", &holder.lease_token, b"paid")
-        .await
-        .expect("complete");
-    let outcome = waiter
-        .await
-        .expect("task")
-        .expect("begin")
-        .into_inner()
-        .outcome;
-    assert!(
-        completed_at.elapsed() < PROMPT,
-        "woken promptly, took {:?}",
-        completed_at.elapsed()
-    );
+    app.complete("k", &holder.lease_token, b"paid").await.expect("complete");
+    let outcome = waiter.await.expect("task").expect("begin").into_inner().outcome;
+    assert!(completed_at.elapsed() < PROMPT, "woken promptly, took {:?}", completed_at.elapsed());
     let Some(Outcome::Completed(replay)) = outcome else {
         panic!("expected the replay, got {outcome:?}");
     };
@@ -62,9 +50,7 @@ async fn exactly_one_waiter_acquires_after_an_abort(backend: Backend) {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let aborted_at = Instant::now();
-    app.abort("k", &holder.lease_token, "transient")
-        .await
-        .expect("abort");
+    app.abort("k", &holder.lease_token, "transient").await.expect("abort");
     let mut acquired = Vec::new();
     let mut in_progress = 0;
     for waiter in waiters {
@@ -92,10 +78,7 @@ async fn waiter_acquires_when_the_lease_expires(backend: Backend) {
     let mut request = begin_req("k");
     request.lease_ttl = secs(1);
     app.acquire(request).await;
-    let outcome = app
-        .begin(waiting("k", Duration::from_secs(10)))
-        .await
-        .expect("begin");
+    let outcome = app.begin(waiting("k", Duration::from_secs(10))).await.expect("begin");
     let Outcome::Acquired(lease) = outcome else {
         panic!("expected to take over, got {outcome:?}");
     };
@@ -106,10 +89,7 @@ async fn wait_runs_out_with_in_progress(backend: Backend) {
     let app = spawn_app(backend).await;
     app.acquire(begin_req("k")).await;
     let started = Instant::now();
-    let outcome = app
-        .begin(waiting("k", Duration::from_millis(700)))
-        .await
-        .expect("begin");
+    let outcome = app.begin(waiting("k", Duration::from_millis(700))).await.expect("begin");
     assert!(matches!(outcome, Outcome::InProgress(_)), "{outcome:?}");
     assert!(started.elapsed() >= Duration::from_millis(700));
 }
@@ -120,16 +100,8 @@ async fn wait_never_outlasts_the_callers_deadline(backend: Backend) {
     let mut request = Request::new(waiting("k", Duration::from_secs(30)));
     request.set_timeout(Duration::from_secs(1));
     let started = Instant::now();
-    let outcome = app
-        .client
-        .clone()
-        .begin(request)
-        .await
-        .expect("answered before the deadline");
-    assert!(matches!(
-        outcome.into_inner().outcome,
-        Some(Outcome::InProgress(_))
-    ));
+    let outcome = app.client.clone().begin(request).await.expect("answered before the deadline");
+    assert!(matches!(outcome.into_inner().outcome, Some(Outcome::InProgress(_))));
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
@@ -148,24 +120,12 @@ async fn postgres_waiter_is_woken_by_a_completion_on_another_replica() {
     let b = spawn_on(test_config(&a.database_url)).await;
     let holder = a.acquire(begin_req("k")).await;
     let mut client = b.client.clone();
-    let waiter =
-        tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
+    let waiter = tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let completed_at = Instant::now();
-    a.complete("k", &holder.lease_token, b"paid on a")
-        .await
-        .expect("complete");
-    let outcome = waiter
-        .await
-        .expect("task")
-        .expect("begin")
-        .into_inner()
-        .outcome;
-    assert!(
-        completed_at.elapsed() < PROMPT,
-        "woken promptly, took {:?}",
-        completed_at.elapsed()
-    );
+    a.complete("k", &holder.lease_token, b"paid on a").await.expect("complete");
+    let outcome = waiter.await.expect("task").expect("begin").into_inner().outcome;
+    assert!(completed_at.elapsed() < PROMPT, "woken promptly, took {:?}", completed_at.elapsed());
     let Some(Outcome::Completed(replay)) = outcome else {
         panic!("expected the replay, got {outcome:?}");
     };
