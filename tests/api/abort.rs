@@ -74,6 +74,25 @@ async fn abort_of_an_absent_record_is_not_found(backend: Backend) {
     assert_error(&status, Code::NotFound, "NOT_FOUND");
 }
 
+async fn abort_and_heartbeat_of_an_expired_record_are_not_found(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.min_retention = Duration::from_secs(1);
+        c.purge_interval = Duration::from_secs(3600);
+        c.reaper_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let mut request = begin_req("k");
+    request.retention = secs(1);
+    request.lease_ttl = secs(1);
+    let acquired = app.acquire(request).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(app.row_count(NS, "k").await, 1, "not purged yet");
+    let status = app.abort("k", &acquired.lease_token, "late").await.expect_err("expired");
+    assert_error(&status, Code::NotFound, "NOT_FOUND");
+    let status = app.heartbeat("k", &acquired.lease_token, None).await.expect_err("expired");
+    assert_error(&status, Code::NotFound, "NOT_FOUND");
+}
+
 crate::both_stores!(
     abort_releases_the_key,
     abort_of_a_completed_record_is_lease_lost,
@@ -81,4 +100,5 @@ crate::both_stores!(
     abort_after_the_reaper_is_lease_lost,
     abort_of_an_expired_lease_is_lease_lost,
     abort_of_an_absent_record_is_not_found,
+    abort_and_heartbeat_of_an_expired_record_are_not_found,
 );

@@ -237,6 +237,62 @@ async fn record_outlives_its_live_lease(backend: Backend) {
     assert!(matches!(app.begin(begin_req("k")).await.expect("begin"), Outcome::InProgress(_)));
 }
 
+async fn another_fingerprint_cannot_take_over_an_expired_lease(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.reaper_interval = Duration::from_secs(3600)).await;
+    let mut request = begin_req("k");
+    request.lease_ttl = secs(1);
+    app.acquire(request).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut other = begin_req("k");
+    other.fingerprint = b"fp-2".to_vec();
+    let status = app.begin(other).await.expect_err("mismatch on an expired lease");
+    assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    let record = app.lookup("k").await.expect("lookup");
+    assert_eq!((record.state, record.attempt), (pb::State::InProgress as i32, 1));
+}
+
+async fn holders_nonce_after_its_lease_expired_gets_a_new_attempt(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.reaper_interval = Duration::from_secs(3600)).await;
+    let mut request = begin_req("k");
+    request.lease_ttl = secs(1);
+    request.attempt_nonce = "nonce-a".into();
+    let first = app.acquire(request.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = app.acquire(request).await;
+    assert_eq!(second.attempt, 2);
+    assert_ne!(second.lease_token, first.lease_token);
+}
+
+async fn reacquisition_and_completion_set_expires_at(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let first = app.acquire(begin_req("k")).await;
+    let created = app.lookup("k").await.expect("lookup");
+    app.abort("k", &first.lease_token, "retry").await.expect("abort");
+    // A longer retention on re-acquisition pushes expires_at out.
+    let mut longer = begin_req("k");
+    longer.retention = secs(48 * 3600);
+    let second = app.acquire(longer).await;
+    let record = app.lookup("k").await.expect("lookup");
+    let grown = to_chrono(record.expires_at) - to_chrono(created.expires_at);
+    assert!(grown > chrono::Duration::hours(23), "{grown}");
+    // A shorter one never pulls it in: expires_at = max(expires_at, now + retention, lease end).
+    app.abort("k", &second.lease_token, "retry").await.expect("abort");
+    let third = app.acquire(begin_req("k")).await;
+    assert_eq!(app.lookup("k").await.expect("lookup").expires_at, record.expires_at);
+    // Complete: completed_at + the retention of the latest acquisition (24 h here).
+    let done = app.complete("k", &third.lease_token, b"ok").await.expect("complete");
+    assert_eq!(to_chrono(done.expires_at) - to_chrono(done.completed_at), chrono::Duration::hours(24));
+}
+
+async fn completion_keeps_the_requested_retention(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mut request = begin_req("k");
+    request.retention = secs(72 * 3600);
+    let acquired = app.acquire(request).await;
+    let done = app.complete("k", &acquired.lease_token, b"ok").await.expect("complete");
+    assert_eq!(to_chrono(done.expires_at) - to_chrono(done.completed_at), chrono::Duration::hours(72));
+}
+
 crate::both_stores!(
     acquires_absent_key_as_attempt_1,
     fingerprint_mismatch_is_rejected_and_leaves_the_record,
@@ -250,4 +306,8 @@ crate::both_stores!(
     namespaces_never_interact,
     expired_record_acts_as_absent,
     record_outlives_its_live_lease,
+    another_fingerprint_cannot_take_over_an_expired_lease,
+    holders_nonce_after_its_lease_expired_gets_a_new_attempt,
+    reacquisition_and_completion_set_expires_at,
+    completion_keeps_the_requested_retention,
 );

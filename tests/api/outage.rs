@@ -119,3 +119,42 @@ async fn readiness_follows_a_postgres_outage_without_restart() {
     // What was acquired before the outage is still held.
     assert!(matches!(app.begin(begin_req("before")).await.expect("begin"), Outcome::InProgress(_)));
 }
+
+/// Holds the database's write lock from a side connection, as a stuck
+/// migration or a runaway transaction would.
+async fn hold_write_lock(app: &TestApp) -> Box<dyn std::any::Any + Send> {
+    use sqlx::Connection;
+    match app.backend {
+        Backend::Postgres => {
+            let mut connection = sqlx::PgConnection::connect(&app.database_url).await.expect("connect");
+            sqlx::query("BEGIN").execute(&mut connection).await.expect("begin");
+            sqlx::query("LOCK TABLE idemd_records IN EXCLUSIVE MODE").execute(&mut connection).await.expect("lock");
+            Box::new(connection)
+        }
+        Backend::Sqlite => {
+            let mut connection = sqlx::SqliteConnection::connect(&app.database_url).await.expect("connect");
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut connection).await.expect("lock");
+            Box::new(connection)
+        }
+    }
+}
+
+async fn begin_fails_closed_when_the_store_does_not_answer(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.database.store_timeout = Duration::from_millis(500)).await;
+    let held = app.acquire(begin_req("held")).await;
+    let lock = hold_write_lock(&app).await;
+    let started = tokio::time::Instant::now();
+    let status = app.begin(begin_req("stuck")).await.expect_err("the store cannot confirm");
+    assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after the store timeout, not hanging");
+    let status = app.complete("held", &held.lease_token, b"x").await.expect_err("cannot store");
+    assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
+    drop(lock);
+    // Nothing of the failed calls took effect.
+    let acquired = app.acquire(begin_req("stuck")).await;
+    assert_eq!(acquired.attempt, 1);
+    assert_eq!(app.lookup("held").await.expect("lookup").state, idemd::pb::State::InProgress as i32);
+    app.complete("held", &held.lease_token, b"ok").await.expect("complete once the store answers");
+}
+
+crate::both_stores!(begin_fails_closed_when_the_store_does_not_answer);

@@ -105,12 +105,34 @@ async fn wait_never_outlasts_the_callers_deadline(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(1));
 }
 
+async fn explicit_zero_wait_answers_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.acquire(begin_req("k")).await;
+    let started = Instant::now();
+    let outcome = app.begin(waiting("k", Duration::ZERO)).await.expect("begin");
+    assert!(matches!(outcome, Outcome::InProgress(_)), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "no waiting");
+}
+
+async fn waiter_with_another_fingerprint_is_rejected_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.acquire(begin_req("k")).await;
+    let mut request = waiting("k", Duration::from_secs(30));
+    request.fingerprint = b"fp-2".to_vec();
+    let started = Instant::now();
+    let status = app.begin(request).await.expect_err("mismatch");
+    assert_error(&status, tonic::Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+    assert!(started.elapsed() < Duration::from_secs(5), "no waiting");
+}
+
 crate::both_stores!(
     waiter_receives_the_holders_completion,
     exactly_one_waiter_acquires_after_an_abort,
     waiter_acquires_when_the_lease_expires,
     wait_runs_out_with_in_progress,
     wait_never_outlasts_the_callers_deadline,
+    explicit_zero_wait_answers_at_once,
+    waiter_with_another_fingerprint_is_rejected_at_once,
 );
 
 /// Two replicas on one Postgres: a Complete on one wakes a waiter on the other.
