@@ -1,8 +1,15 @@
-//! The protobuf codec of the generated service: prost, except that bytes
-//! which do not decode as the request message are INVALID_ARGUMENT
-//! (`INVALID_FIELD`) naming the field, not tonic's default INTERNAL.
+//! Decoding requests off the wire. The protobuf codec of the generated
+//! service is prost, except that bytes which do not decode as the request
+//! message are INVALID_ARGUMENT (`INVALID_FIELD`) naming the field, not
+//! tonic's default INTERNAL. [`WireErrorsLayer`] does the same for the
+//! framing errors tonic answers before any codec runs (an empty body, a
+//! truncated frame, an oversized message).
 
 use std::marker::PhantomData;
+use std::task::{Context, Poll};
+
+use futures::TryFutureExt;
+use futures::future::MapOk;
 
 use prost::Message;
 use tonic::Status;
@@ -76,6 +83,63 @@ fn field_of(description: &str) -> String {
             (plain(message) && plain(field)).then(|| field.to_string())
         })
         .unwrap_or_else(|| "request".to_string())
+}
+
+/// Rewrites the error replies tonic produces itself for malformed gRPC
+/// framing (INTERNAL, or OUT_OF_RANGE for an oversized message, without
+/// details) into INVALID_ARGUMENT / `INVALID_FIELD` for the field `request`.
+/// Replies that carry our details (every idemd error does) pass unchanged,
+/// so a genuine INTERNAL from a bug is never disguised.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireErrorsLayer;
+
+impl<S> tower_layer::Layer<S> for WireErrorsLayer {
+    type Service = WireErrors<S>;
+    fn layer(&self, inner: S) -> WireErrors<S> {
+        WireErrors { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WireErrors<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for WireErrors<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = MapOk<S::Future, fn(http::Response<RB>) -> http::Response<RB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.inner.call(request).map_ok(rewrite_wire_error as fn(_) -> _)
+    }
+}
+
+fn rewrite_wire_error<RB>(mut response: http::Response<RB>) -> http::Response<RB> {
+    let headers = response.headers_mut();
+    let code = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok());
+    let ours = headers.contains_key("grpc-status-details-bin");
+    let framing = matches!(tonic::Code::from_i32(code.unwrap_or(0)), tonic::Code::Internal | tonic::Code::OutOfRange);
+    if ours || !framing {
+        return response;
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "malformed gRPC request".to_string());
+    let status = Status::from(Error::invalid("request", format!("malformed request: {message}")));
+    headers.remove("grpc-message");
+    // Only fails for header values that cannot be encoded, which ours can.
+    let _ = status.add_header(headers);
+    response
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::health::Readiness;
 use crate::pb;
@@ -134,6 +135,7 @@ async fn serve<S: Store>(
         Ok::<_, std::io::Error>(stream)
     });
     let server = Server::builder()
+        .layer(WireErrorsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -164,8 +164,65 @@ async fn undecodable_request_is_invalid_argument(backend: Backend) {
     app.acquire(begin_req("after")).await;
 }
 
+/// Sends raw bytes as the body of a gRPC call and returns the status.
+async fn raw_call(app: &TestApp, path: &str, body: Vec<u8>) -> tonic::Status {
+    use http_body_util::BodyExt;
+    use tower_service::Service;
+    let mut channel = app.channel();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}{path}", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body))))
+        .expect("request");
+    let response = channel.call(request).await.expect("an HTTP response");
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().expect("trailers");
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status")
+}
+
+fn frame(compressed: u8, declared_len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![compressed];
+    bytes.extend_from_slice(&declared_len.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+async fn malformed_grpc_framing_is_invalid_argument(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.max_response_bytes = 1000).await;
+    let begin = "/idemd.v1.Idempotency/Begin";
+    let cases = [
+        ("no message at all", begin, Vec::new()),
+        ("truncated frame", begin, frame(0, 10, &[1, 2])),
+        ("compressed flag without an encoding", begin, frame(1, 1, &[0])),
+    ];
+    for (what, path, body) in cases {
+        let status = raw_call(&app, path, body).await;
+        assert_ne!(status.code(), tonic::Code::Internal, "{what}: {status:?}");
+        assert_invalid_field(&status, "request");
+    }
+    // A message beyond max_response_bytes plus room for the other fields.
+    let oversized = prost::Message::encode_to_vec(&pb::CompleteRequest {
+        namespace: NS.into(),
+        key: "k".into(),
+        lease_token: "lt_x".into(),
+        response: vec![0; 200_000],
+        ..Default::default()
+    });
+    let status = raw_call(&app, "/idemd.v1.Idempotency/Complete", frame(0, oversized.len() as u32, &oversized)).await;
+    assert_invalid_field(&status, "request");
+    // The server is fine.
+    app.acquire(begin_req("after")).await;
+}
+
 crate::both_stores!(
     malformed_begin_fields_are_invalid_argument,
     malformed_complete_abort_heartbeat_lookup_fields_are_invalid_argument,
     undecodable_request_is_invalid_argument,
+    malformed_grpc_framing_is_invalid_argument,
 );
