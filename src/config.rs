@@ -112,6 +112,10 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus endpoint (`/metrics`, plain HTTP).
+    #[arg(long, env = "IDEMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
     #[command(flatten)]
     pub database: DatabaseConfig,
 

@@ -10,8 +10,9 @@
 //!   where all correctness lives (one atomic statement per transition).
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
-//! - [`config`] is every setting; [`telemetry`] sets up logging; [`lookup`]
-//!   is the `idemd lookup` command.
+//! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
+//!   [`metrics`] the registry behind `/metrics`, [`observe`] the span and
+//!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -20,6 +21,8 @@ pub mod domain;
 pub mod error;
 pub mod health;
 pub mod lookup;
+pub mod metrics;
+pub mod observe;
 pub mod reaper;
 pub mod server;
 pub mod service;

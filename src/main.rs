@@ -34,15 +34,15 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(config) => {
-            telemetry::init(config.log_format);
+            let telemetry = telemetry::init(config.log_format)?;
             config.validate()?;
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen, IDEMD_LISTEN): {e}", config.listen))?;
-            server::run(config, listener, server::shutdown_signal()).await
+            let listeners = server::Listeners::bind(&config).await?;
+            let result = server::run(config, listeners, server::shutdown_signal()).await;
+            telemetry.shutdown();
+            result
         }
         Command::Migrate(database) => {
-            telemetry::init(LogFormat::Text);
+            let _telemetry = telemetry::init(LogFormat::Text)?;
             server::migrate(&database).await
         }
         Command::Lookup { namespace, key, addr } => {

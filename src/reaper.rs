@@ -7,6 +7,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use crate::metrics::Metrics;
 use crate::store::{MAINTENANCE_BATCH, Store};
 
 /// Longest pause after repeated store errors.
@@ -39,12 +42,19 @@ where
     })
 }
 
-pub fn spawn_reaper<S: Store>(store: S, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_reaper<S: Store>(
+    store: S,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
     every("reaper", interval, shutdown, move || {
         let store = store.clone();
+        let metrics = Arc::clone(&metrics);
         async move {
             loop {
                 let reaped = store.reap_expired_leases(MAINTENANCE_BATCH).await?;
+                metrics.reaped(reaped.len() as u64);
                 for lease in &reaped {
                     // A reaped lease means a caller died mid-operation.
                     tracing::warn!(
@@ -62,13 +72,20 @@ pub fn spawn_reaper<S: Store>(store: S, interval: Duration, shutdown: Cancellati
     })
 }
 
-pub fn spawn_purger<S: Store>(store: S, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_purger<S: Store>(
+    store: S,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
     every("purger", interval, shutdown, move || {
         let store = store.clone();
+        let metrics = Arc::clone(&metrics);
         async move {
             let mut purged = 0;
             for _ in 0..PURGE_BATCHES_PER_TICK {
                 let batch = store.purge_expired(MAINTENANCE_BATCH).await?;
+                metrics.purged(batch);
                 purged += batch;
                 if (batch as i64) < MAINTENANCE_BATCH {
                     break;

@@ -21,6 +21,7 @@ use tonic::transport::Server;
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::health::Readiness;
+use crate::metrics::{self, Metrics};
 use crate::pb;
 use crate::service::{IdempotencyService, Limits};
 use crate::store::Store;
@@ -55,9 +56,31 @@ pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
 /// Serves on `listener` until `shutdown` resolves. Validates the
 /// configuration, opens the store and applies migrations (unless
 /// `--no-migrate`) before the first call is answered.
+/// The already-bound sockets a server serves on: production binds the
+/// configured addresses, tests bind port 0 and read the addresses back.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// `/metrics`; `None` serves no metrics endpoint (the registry still counts).
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `--listen` and `--metrics-listen`, naming the setting that fails.
+    pub async fn bind(config: &ServeConfig) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen, IDEMD_LISTEN)", config.listen))?;
+        let metrics = TcpListener::bind(config.metrics_listen).await.with_context(|| {
+            format!("cannot listen on {} (--metrics-listen, IDEMD_METRICS_LISTEN)", config.metrics_listen)
+        })?;
+        Ok(Listeners { grpc, metrics: Some(metrics) })
+    }
+}
+
 pub async fn run(
     config: ServeConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -70,7 +93,7 @@ pub async fn run(
                 store.migrate().await.context("applying Postgres migrations")?;
             }
             let relay = store.spawn_wakeup_listener(Arc::clone(&wakeups), background.clone());
-            serve(store, wakeups, config, listener, shutdown, background, vec![relay]).await
+            serve(store, wakeups, config, listeners, shutdown, background, vec![relay]).await
         }
         Backend::Sqlite => {
             let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
@@ -79,7 +102,7 @@ pub async fn run(
             if !config.no_migrate {
                 store.migrate().await.context("applying SQLite migrations")?;
             }
-            serve(store, wakeups, config, listener, shutdown, background, Vec::new()).await
+            serve(store, wakeups, config, listeners, shutdown, background, Vec::new()).await
         }
     }
 }
@@ -88,7 +111,7 @@ async fn serve<S: Store>(
     store: S,
     wakeups: Arc<Wakeups>,
     config: ServeConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     background: CancellationToken,
     mut tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -96,8 +119,19 @@ async fn serve<S: Store>(
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness::new(reporter).await;
     tasks.push(health::spawn_readiness_probe(store.clone(), readiness.clone(), background.clone()));
-    tasks.push(reaper::spawn_reaper(store.clone(), config.reaper_interval, background.clone()));
-    tasks.push(reaper::spawn_purger(store.clone(), config.purge_interval, background.clone()));
+    let metrics = Metrics::new()?;
+    {
+        let store = store.clone();
+        metrics.observe_pool(move || store.pool_stats());
+    }
+    let metrics_server = listeners.metrics.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(metrics = %addr, "serving /metrics");
+        }
+        tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), background.clone()))
+    });
+    tasks.push(reaper::spawn_reaper(store.clone(), Arc::clone(&metrics), config.reaper_interval, background.clone()));
+    tasks.push(reaper::spawn_purger(store.clone(), Arc::clone(&metrics), config.purge_interval, background.clone()));
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -110,10 +144,17 @@ async fn serve<S: Store>(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let stop_waiting = CancellationToken::new();
-    let service = IdempotencyService::new(store.clone(), wakeups, Limits::from(&config), stop_waiting.clone());
+    let service = IdempotencyService::new(
+        store.clone(),
+        wakeups,
+        Arc::clone(&metrics),
+        Limits::from(&config),
+        stop_waiting.clone(),
+    );
     let service = pb::idempotency_server::IdempotencyServer::new(service)
         .max_decoding_message_size(config.max_response_bytes + REQUEST_OVERHEAD_BYTES);
 
+    let listener = listeners.grpc;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = %config.database.database_url, "idemd listening");
 
@@ -157,7 +198,15 @@ async fn serve<S: Store>(
             tracing::warn!("a background task did not stop in time");
         }
     }
+    if let Some(task) = metrics_server {
+        match tokio::time::timeout(TASK_STOP_TIMEOUT, task).await {
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "the metrics endpoint failed"),
+            Err(_) => tracing::warn!("the metrics endpoint did not stop in time"),
+            _ => {}
+        }
+    }
     store.close().await;
+    metrics.shutdown();
     tracing::info!("idemd stopped");
     result
 }

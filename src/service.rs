@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
 use crate::domain::{
@@ -16,6 +17,8 @@ use crate::domain::{
     Timestamp, check_fingerprint, check_lease_token, check_text,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::observe::{Reply, RpcCall};
 use crate::pb;
 use crate::store::Store;
 use crate::wakeups::Wakeups;
@@ -51,6 +54,7 @@ impl From<&ServeConfig> for Limits {
 pub struct IdempotencyService<S> {
     store: S,
     wakeups: Arc<Wakeups>,
+    metrics: Arc<Metrics>,
     limits: Limits,
     /// Cancelled when shutdown begins: parked waiters answer at once instead
     /// of holding the drain for up to a minute.
@@ -58,21 +62,42 @@ pub struct IdempotencyService<S> {
 }
 
 impl<S: Store> IdempotencyService<S> {
-    pub fn new(store: S, wakeups: Arc<Wakeups>, limits: Limits, stop_waiting: CancellationToken) -> Self {
-        IdempotencyService { store, wakeups, limits, stop_waiting }
+    pub fn new(
+        store: S,
+        wakeups: Arc<Wakeups>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        stop_waiting: CancellationToken,
+    ) -> Self {
+        IdempotencyService { store, wakeups, metrics, limits, stop_waiting }
     }
 
-    /// Bounds one store call by `--store-timeout` and the caller's deadline.
-    /// A call cut short may still take effect in the database: the caller
-    /// gets an error and must not proceed (fail closed).
-    async fn bounded<T>(&self, deadline: Option<Instant>, call: impl Future<Output = Result<T>>) -> Result<T> {
+    /// Bounds one store call by `--store-timeout` and the caller's deadline,
+    /// in a child span named after the store method. A call cut short may
+    /// still take effect in the database: the caller gets an error and must
+    /// not proceed (fail closed).
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        deadline: Option<Instant>,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let span = tracing::info_span!("store", otel.name = format!("store.{operation}"), db.operation = operation);
         let store_limit = Instant::now() + self.limits.store_timeout;
-        match deadline {
-            Some(deadline) if deadline < store_limit => {
-                tokio::time::timeout_at(deadline, call).await.unwrap_or(Err(Error::DeadlineExceeded))
+        let result = async {
+            match deadline {
+                Some(deadline) if deadline < store_limit => {
+                    tokio::time::timeout_at(deadline, call).await.unwrap_or(Err(Error::DeadlineExceeded))
+                }
+                _ => tokio::time::timeout_at(store_limit, call).await.unwrap_or(Err(Error::StoreTimeout)),
             }
-            _ => tokio::time::timeout_at(store_limit, call).await.unwrap_or(Err(Error::StoreTimeout)),
         }
+        .instrument(span)
+        .await;
+        if let Err(error) = &result {
+            self.metrics.store_error(error);
+        }
+        result
     }
 
     /// Re-runs the atomic Begin while the key is held by a live lease, until
@@ -84,13 +109,14 @@ impl<S: Store> IdempotencyService<S> {
         deadline: Option<Instant>,
     ) -> Result<BeginOutcome> {
         let Some(wait_until) = wait_until else {
-            return self.bounded(deadline, self.store.begin(request)).await;
+            return self.bounded("begin", deadline, self.store.begin(request)).await;
         };
         // Subscribed before the first attempt: a wake-up between the attempt
         // and the wait is not lost.
         let mut subscription = self.wakeups.subscribe(&request.id);
+        let _waiting = self.metrics.waiting();
         loop {
-            let outcome = self.bounded(deadline, self.store.begin(request)).await?;
+            let outcome = self.bounded("begin", deadline, self.store.begin(request)).await?;
             let BeginOutcome::InProgress(busy) = &outcome else {
                 return Ok(outcome);
             };
@@ -270,13 +296,13 @@ fn encode_record(record: Record) -> pb::Record {
     }
 }
 
-#[tonic::async_trait]
-impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
-    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+impl<S: Store> IdempotencyService<S> {
+    async fn begin_call(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<Reply<pb::BeginResponse>> {
         let started = Instant::now();
         let timeout = grpc_timeout(request.metadata());
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
+        call.namespace(id.namespace.as_str());
         check_fingerprint(&message.fingerprint)?;
         let limits = &self.limits;
         let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
@@ -304,20 +330,29 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
         };
         let deadline = timeout.map(|t| started + t);
         let outcome = self.begin_and_wait(&begin, wait_until(started, wait, timeout), deadline).await?;
-        Ok(Response::new(encode_begin(outcome)))
+        let (label, attempt) = match &outcome {
+            BeginOutcome::Acquired(lease) => ("acquired", lease.attempt),
+            BeginOutcome::Completed(stored) => ("completed", stored.attempt),
+            BeginOutcome::InProgress(busy) => ("in_progress", busy.attempt),
+        };
+        Ok(Reply { message: encode_begin(outcome), outcome: label, attempt: Some(attempt) })
     }
 
-    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
+    async fn complete_call(
+        &self,
+        call: &RpcCall,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Reply<pb::CompleteResponse>> {
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
+        call.namespace(id.namespace.as_str());
         check_lease_token(&message.lease_token)?;
         if message.response.len() > self.limits.max_response_bytes {
             return Err(Error::invalid(
                 "response",
                 format!("response is longer than {} bytes", self.limits.max_response_bytes),
-            )
-            .into());
+            ));
         }
         check_text("content_type", &message.content_type, MAX_CONTENT_TYPE_LEN, true)?;
         let request = CompleteRequest {
@@ -327,46 +362,102 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
             response_code: message.response_code,
             content_type: message.content_type,
         };
-        let completion = self.bounded(deadline, self.store.complete(&request)).await?;
-        Ok(Response::new(pb::CompleteResponse {
-            completed_at: Some(timestamp(completion.completed_at)),
-            expires_at: Some(timestamp(completion.expires_at)),
-        }))
+        let completion = self.bounded("complete", deadline, self.store.complete(&request)).await?;
+        Ok(Reply {
+            message: pb::CompleteResponse {
+                completed_at: Some(timestamp(completion.completed_at)),
+                expires_at: Some(timestamp(completion.expires_at)),
+            },
+            outcome: "completed",
+            attempt: None,
+        })
     }
 
-    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+    async fn abort_call(&self, call: &RpcCall, request: Request<pb::AbortRequest>) -> Result<Reply<pb::AbortResponse>> {
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
+        call.namespace(id.namespace.as_str());
         check_lease_token(&message.lease_token)?;
         check_text("reason", &message.reason, MAX_REASON_LEN, false)?;
         if message.reason.contains('\0') {
-            return Err(Error::invalid("reason", "reason contains a NUL character").into());
+            return Err(Error::invalid("reason", "reason contains a NUL character"));
         }
-        self.bounded(deadline, self.store.abort(&id, &message.lease_token, &message.reason)).await?;
-        Ok(Response::new(pb::AbortResponse {}))
+        self.bounded("abort", deadline, self.store.abort(&id, &message.lease_token, &message.reason)).await?;
+        Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
+    }
+
+    async fn heartbeat_call(
+        &self,
+        call: &RpcCall,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Reply<pb::HeartbeatResponse>> {
+        let deadline = deadline_of(&request);
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        call.namespace(id.namespace.as_str());
+        check_lease_token(&message.lease_token)?;
+        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
+        let lease_expires_at =
+            self.bounded("heartbeat", deadline, self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
+        Ok(Reply {
+            message: pb::HeartbeatResponse { lease_expires_at: Some(timestamp(lease_expires_at)) },
+            outcome: "extended",
+            attempt: None,
+        })
+    }
+
+    async fn lookup_call(
+        &self,
+        call: &RpcCall,
+        request: Request<pb::LookupRequest>,
+    ) -> Result<Reply<pb::LookupResponse>> {
+        let deadline = deadline_of(&request);
+        let message = request.into_inner();
+        let id = RecordId::parse(message.namespace, message.key)?;
+        call.namespace(id.namespace.as_str());
+        let record = self.bounded("lookup", deadline, self.store.lookup(&id)).await?;
+        let attempt = record.attempt;
+        Ok(Reply {
+            message: pb::LookupResponse { record: Some(encode_record(record)) },
+            outcome: "found",
+            attempt: Some(attempt),
+        })
+    }
+}
+
+/// Each RPC: a span and metrics around the call, one answer.
+macro_rules! observed {
+    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
+        let call = RpcCall::start($method, &$request, &$self.metrics);
+        let result = $self.$inner(&call, $request).instrument(call.span().clone()).await;
+        call.finish(result)
+    }};
+}
+
+#[tonic::async_trait]
+impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
+        observed!(self, "Begin", begin_call, request)
+    }
+
+    async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
+        observed!(self, "Complete", complete_call, request)
+    }
+
+    async fn abort(&self, request: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        observed!(self, "Abort", abort_call, request)
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let deadline = deadline_of(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        check_lease_token(&message.lease_token)?;
-        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
-        let lease_expires_at =
-            self.bounded(deadline, self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
-        Ok(Response::new(pb::HeartbeatResponse { lease_expires_at: Some(timestamp(lease_expires_at)) }))
+        observed!(self, "Heartbeat", heartbeat_call, request)
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
-        let deadline = deadline_of(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        let record = self.bounded(deadline, self.store.lookup(&id)).await?;
-        Ok(Response::new(pb::LookupResponse { record: Some(encode_record(record)) }))
+        observed!(self, "Lookup", lookup_call, request)
     }
 }
 

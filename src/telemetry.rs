@@ -1,22 +1,111 @@
-//! Logging set-up: text or JSON lines on stderr, filtered by `RUST_LOG`
-//! (default `info`). Never logs payloads or lease tokens.
+//! Logs and traces. Logs are text or JSON lines on stderr, filtered by
+//! `RUST_LOG` (default `info`). Spans are exported over OTLP when the
+//! standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set,
+//! honouring the other standard `OTEL_*` variables, and nothing is exported
+//! otherwise. [`init`] returns a guard that flushes the exporter on shutdown.
+//! Never a payload or lease token in a span or a log line.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::propagation::Extractor;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
-pub fn init(format: LogFormat) {
+/// Whether OTLP export is configured, by the general endpoint variable or
+/// the signal-specific one.
+pub fn otlp_configured(signal_variable: &str) -> bool {
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", signal_variable]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty()))
+}
+
+/// `service.name` is `idemd` unless `OTEL_SERVICE_NAME` (or
+/// `OTEL_RESOURCE_ATTRIBUTES`) says otherwise.
+pub fn resource() -> Resource {
+    let builder = Resource::builder();
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    if named { builder.build() } else { builder.with_service_name("idemd").build() }
+}
+
+/// Flushes and stops the trace exporter when dropped or shut down.
+#[derive(Debug, Default)]
+pub struct TelemetryGuard {
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    pub fn shutdown(mut self) {
+        self.flush();
+    }
+
+    fn flush(&mut self) {
+        if let Some(provider) = self.tracer_provider.take()
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("idemd: flushing traces failed: {error}");
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Installs the global subscriber: log lines, plus spans over OTLP when
+/// configured. A second call (tests) keeps the first subscriber.
+pub fn init(format: LogFormat) -> anyhow::Result<TelemetryGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never in collected logs.
-        .with_ansi(std::io::stderr().is_terminal());
-    // try_init: a second initialisation (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    // Colour codes only for a person at a terminal, never in collected logs.
+    let ansi = std::io::stderr().is_terminal();
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
+    let mut guard = TelemetryGuard::default();
+    let traces = if otlp_configured("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource()).build();
+        let tracer = provider.tracer("idemd");
+        guard.tracer_provider = Some(provider);
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    } else {
+        None
+    };
+    let _ = tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init();
+    Ok(guard)
+}
+
+/// Reads W3C `traceparent`/`tracestate` from gRPC metadata.
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|key| match key {
+                tonic::metadata::KeyRef::Ascii(key) => Some(key.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The caller's trace context, to parent the RPC's span.
+pub fn remote_context(metadata: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&MetadataExtractor(metadata)))
 }

@@ -63,6 +63,9 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Answers when the database answers: drives readiness.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// Connections of the request pool, for the pool gauge.
+    fn pool_stats(&self) -> crate::metrics::PoolStats;
+
     /// Closes the pool after the server has drained.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }

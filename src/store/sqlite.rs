@@ -396,6 +396,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn pool_stats(&self) -> crate::metrics::PoolStats {
+        let idle = self.pool.num_idle() as u64;
+        crate::metrics::PoolStats { in_use: u64::from(self.pool.size()).saturating_sub(idle), idle }
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

@@ -47,6 +47,7 @@ pub async fn fresh_postgres_database(admin: &str) -> String {
 
 pub struct TestApp {
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub client: IdempotencyClient<Channel>,
     pub database_url: String,
     pub backend: Backend,
@@ -89,9 +90,12 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
 pub async fn spawn_on(config: ServeConfig) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let metrics_addr = metrics.local_addr().expect("addr");
     let database_url = config.database.database_url.expose().to_string();
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(idemd::server::run(config, listener, async {
+    let listeners = idemd::server::Listeners { grpc: listener, metrics: Some(metrics) };
+    let handle = tokio::spawn(idemd::server::run(config, listeners, async {
         let _ = rx.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -100,6 +104,7 @@ pub async fn spawn_on(config: ServeConfig) -> TestApp {
         .connect_lazy();
     let app = TestApp {
         addr,
+        metrics_addr,
         client: IdempotencyClient::new(channel),
         database_url,
         backend: Backend::Sqlite,
@@ -315,4 +320,119 @@ where
         assert!(tokio::time::Instant::now() < until, "{what}: not within {deadline:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The real `idemd serve` binary on a random port, with an SQLite file of
+/// its own; killed when dropped. Its stderr lines arrive on `logs`.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub logs: std::sync::mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Binary {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idemd"));
+        command
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--database-url", &format!("sqlite://{}", dir.path().join("idemd.db").display())])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start idemd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, logs) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut binary = Binary { child, addr: String::new(), logs, _dir: dir };
+        let line = binary.wait_for_log(" addr=", Duration::from_secs(60));
+        let rest = line.split(" addr=").nth(1).unwrap_or_default();
+        binary.addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+        binary
+    }
+
+    /// The next stderr line containing `needle`; panics after `deadline`.
+    pub fn wait_for_log(&self, needle: &str, deadline: Duration) -> String {
+        let until = std::time::Instant::now() + deadline;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no log line containing {needle:?} within {deadline:?}"),
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(killed.success());
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < until, "idemd did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET `/metrics` and parse the samples: `name{sorted labels}` → value.
+pub async fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: idemd\r\nConnection: close\r\n\r\n").await.expect("request");
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
+        .await
+        .expect("metrics answer in time")
+        .expect("read");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or_default();
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let series = match series.split_once('{') {
+                Some((name, labels)) => {
+                    let mut labels: Vec<&str> =
+                        labels.trim_end_matches('}').split(',').filter(|l| !l.is_empty()).collect();
+                    labels.sort();
+                    format!("{name}{{{}}}", labels.join(","))
+                }
+                None => series.to_string(),
+            };
+            Some((series, value))
+        })
+        .collect()
 }

@@ -7,6 +7,7 @@ mod abort;
 mod begin;
 mod complete;
 mod heartbeat_lookup;
+mod observability;
 mod ops;
 mod outage;
 mod reaper;

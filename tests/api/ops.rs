@@ -88,8 +88,9 @@ async fn invalid_settings_stop_start_up_naming_the_setting() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut config = test_config(&format!("sqlite://{}", dir.path().join("x.db").display()));
     config.default_lease_ttl = Duration::from_secs(7200);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let error = idemd::server::run(config, listener, std::future::pending())
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listeners = idemd::server::Listeners { grpc, metrics: None };
+    let error = idemd::server::run(config, listeners, std::future::pending())
         .await
         .expect_err("a lease default over 1 h is refused");
     assert!(error.to_string().contains("--default-lease-ttl"), "{error}");

@@ -143,18 +143,24 @@ async fn begin_fails_closed_when_the_store_does_not_answer(backend: Backend) {
     let app = spawn_app_with(backend, |c| c.database.store_timeout = Duration::from_millis(500)).await;
     let held = app.acquire(begin_req("held")).await;
     let lock = hold_write_lock(&app).await;
+    let mut stuck = begin_req("stuck");
+    stuck.attempt_nonce = "nonce-1".into();
     let started = tokio::time::Instant::now();
-    let status = app.begin(begin_req("stuck")).await.expect_err("the store cannot confirm");
+    let status = app.begin(stuck.clone()).await.expect_err("the store cannot confirm");
     assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
     assert!(started.elapsed() < Duration::from_secs(5), "answered after the store timeout, not hanging");
-    let status = app.complete("held", &held.lease_token, b"x").await.expect_err("cannot store");
+    let status = app.complete("held", &held.lease_token, b"ok").await.expect_err("cannot store");
     assert_error(&status, Code::Unavailable, "STORE_UNAVAILABLE");
     drop(lock);
-    // Nothing of the failed calls took effect.
-    let acquired = app.acquire(begin_req("stuck")).await;
+    // UNAVAILABLE means "not confirmed": the statement may still have landed
+    // after the answer. Retrying converges either way: the same nonce gets the
+    // same first attempt back, the same token completes once.
+    let acquired = app.acquire(stuck.clone()).await;
     assert_eq!(acquired.attempt, 1);
-    assert_eq!(app.lookup("held").await.expect("lookup").state, idemd::pb::State::InProgress as i32);
+    assert_eq!(app.acquire(stuck).await, acquired);
     app.complete("held", &held.lease_token, b"ok").await.expect("complete once the store answers");
+    let record = app.lookup("held").await.expect("lookup");
+    assert_eq!((record.state, record.response), (idemd::pb::State::Completed as i32, b"ok".to_vec()));
 }
 
 crate::both_stores!(begin_fails_closed_when_the_store_does_not_answer);

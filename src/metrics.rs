@@ -1,0 +1,219 @@
+//! The metrics of one server: OpenTelemetry instruments read by a
+//! Prometheus registry (served at `/metrics` on `--metrics-listen`) and, when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, pushed over OTLP as well.
+//!
+//! Labels are bounded: RPC names, gRPC codes, outcomes and error kinds.
+//! Never a key, a namespace, a token or a payload.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, UpDownCounter};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+
+/// Latency buckets in seconds: from a cached replay to a long wait.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Connections of the request pool, for the pool gauge.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStats {
+    pub in_use: u64,
+    pub idle: u64,
+}
+
+pub struct Metrics {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    meter: Meter,
+    requests: Counter<u64>,
+    duration: Histogram<f64>,
+    begin_outcomes: Counter<u64>,
+    reaped: Counter<u64>,
+    purged: Counter<u64>,
+    waiters: UpDownCounter<i64>,
+    store_errors: Counter<u64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A fresh registry; adds an OTLP push exporter when the standard
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or the metrics-specific one) is set.
+    pub fn new() -> anyhow::Result<Arc<Self>> {
+        let registry = prometheus::Registry::new();
+        let prometheus = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()?;
+        let mut builder =
+            SdkMeterProvider::builder().with_reader(prometheus).with_resource(crate::telemetry::resource());
+        if crate::telemetry::otlp_configured("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") {
+            let exporter = opentelemetry_otlp::MetricExporter::builder().with_tonic().build()?;
+            builder = builder.with_reader(PeriodicReader::builder(exporter).build());
+        }
+        let provider = builder.build();
+        let meter = provider.meter("idemd");
+        let metrics = Metrics {
+            requests: meter
+                .u64_counter("idemd_requests")
+                .with_description("RPCs answered, by method and gRPC code")
+                .build(),
+            duration: meter
+                .f64_histogram("idemd_request_duration")
+                .with_unit("s")
+                .with_description("RPC latency, by method and gRPC code")
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build(),
+            begin_outcomes: meter
+                .u64_counter("idemd_begin_outcomes")
+                .with_description("Begin results: acquired, completed (a replay), in_progress, fingerprint_mismatch")
+                .build(),
+            reaped: meter
+                .u64_counter("idemd_reaped_leases")
+                .with_description("Leases the reaper aborted because their caller never finished")
+                .build(),
+            purged: meter.u64_counter("idemd_purged_records").with_description("Expired records deleted").build(),
+            waiters: meter
+                .i64_up_down_counter("idemd_waiters")
+                .with_description("Begin calls currently waiting for a holder (wait_timeout)")
+                .build(),
+            store_errors: meter
+                .u64_counter("idemd_store_errors")
+                .with_description("Store calls that failed, by kind: unavailable, timeout, contention, internal")
+                .build(),
+            registry,
+            provider,
+            meter,
+        };
+        // Exported from the start, so dashboards and alerts see 0, not "no data".
+        metrics.waiters.add(0, &[]);
+        metrics.reaped.add(0, &[]);
+        metrics.purged.add(0, &[]);
+        metrics
+            .meter
+            .u64_observable_gauge("idemd_build_info")
+            .with_description("Always 1; the version label says which build runs")
+            .with_callback(|gauge| gauge.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]))
+            .build();
+        Ok(Arc::new(metrics))
+    }
+
+    /// Reports the request pool's connections, read at each scrape.
+    pub fn observe_pool(&self, stats: impl Fn() -> PoolStats + Send + Sync + 'static) {
+        self.meter
+            .u64_observable_gauge("idemd_db_pool_connections")
+            .with_description("Connections of the request pool, by state: in_use, idle")
+            .with_callback(move |gauge| {
+                let stats = stats();
+                gauge.observe(stats.in_use, &[KeyValue::new("state", "in_use")]);
+                gauge.observe(stats.idle, &[KeyValue::new("state", "idle")]);
+            })
+            .build();
+    }
+
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        let labels = [KeyValue::new("rpc", method), KeyValue::new("code", code_name(code))];
+        self.requests.add(1, &labels);
+        self.duration.record(elapsed.as_secs_f64(), &labels);
+    }
+
+    pub fn begin_outcome(&self, outcome: &'static str) {
+        self.begin_outcomes.add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    pub fn reaped(&self, count: u64) {
+        self.reaped.add(count, &[]);
+    }
+
+    pub fn purged(&self, count: u64) {
+        self.purged.add(count, &[]);
+    }
+
+    /// Counts a waiter until the returned guard drops.
+    pub fn waiting(self: &Arc<Self>) -> WaiterGuard {
+        self.waiters.add(1, &[]);
+        WaiterGuard(Arc::clone(self))
+    }
+
+    /// Counts a failed store call by kind; other errors are not store errors.
+    pub fn store_error(&self, error: &Error) {
+        let kind = match error {
+            Error::StoreUnavailable(_) => "unavailable",
+            Error::StoreTimeout => "timeout",
+            Error::Contention(_) => "contention",
+            Error::Internal(_) => "internal",
+            _ => return,
+        };
+        self.store_errors.add(1, &[KeyValue::new("kind", kind)]);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|error| format!("# encoding metrics failed: {error}\n"))
+    }
+
+    /// Pushes what is left over OTLP; called once the server has drained.
+    pub fn shutdown(&self) {
+        if let Err(error) = self.provider.shutdown() {
+            tracing::debug!(%error, "metrics provider shutdown");
+        }
+    }
+}
+
+/// Decrements the waiter gauge when the wait ends, however it ends.
+pub struct WaiterGuard(Arc<Metrics>);
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.0.waiters.add(-1, &[]);
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
+        }),
+    );
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
