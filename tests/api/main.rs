@@ -2,6 +2,8 @@
 //! stores (SQLite and the Postgres cluster `scripts/test` provides).
 
 mod helpers;
+#[path = "../common/pg_cluster.rs"]
+mod pg_cluster;
 
 mod abort;
 mod begin;
