@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -151,6 +152,43 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = "20s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
+    /// Tokens file (one grant per line: `sha256:<hex> <ns>[,<ns>…]`); with it,
+    /// every call needs credentials. Re-read on SIGHUP and on change.
+    #[arg(long, env = "IDEMD_AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key).
+    #[arg(long, env = "IDEMD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "IDEMD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "IDEMD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Begin calls parked on wait_timeout at once, overall.
+    #[arg(long, env = "IDEMD_MAX_WAITERS", default_value_t = 10_000)]
+    pub max_waiters: usize,
+
+    /// Begin calls parked on wait_timeout at once, per namespace.
+    #[arg(long, env = "IDEMD_MAX_WAITERS_PER_NAMESPACE", default_value_t = 1_000)]
+    pub max_waiters_per_namespace: usize,
+
+    /// Requests per second per namespace (bursts of as many); 0 is off.
+    #[arg(long, env = "IDEMD_RATE_LIMIT_PER_NAMESPACE", default_value_t = 0)]
+    pub rate_limit_per_namespace: u32,
+
+    /// Open client connections on the gRPC port; more are refused.
+    #[arg(long, env = "IDEMD_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Concurrent calls (HTTP/2 streams) per connection.
+    #[arg(long, env = "IDEMD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
     /// Log line format.
     #[arg(long, env = "IDEMD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -218,6 +256,21 @@ impl ServeConfig {
         }
         if self.max_response_bytes == 0 || self.max_response_bytes > MAX_RESPONSE_BYTES_CEILING {
             return Err(bad("--max-response-bytes", "IDEMD_MAX_RESPONSE_BYTES", "must be between 1 and 67108864"));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(bad("--tls-cert/--tls-key", "IDEMD_TLS_CERT/IDEMD_TLS_KEY", "give both or neither"));
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(bad("--tls-client-ca", "IDEMD_TLS_CLIENT_CA", "needs --tls-cert and --tls-key"));
+        }
+        if self.max_waiters == 0 || self.max_waiters_per_namespace == 0 {
+            return Err(bad("--max-waiters", "IDEMD_MAX_WAITERS", "limits must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(bad("--max-connections", "IDEMD_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(bad("--max-concurrent-streams", "IDEMD_MAX_CONCURRENT_STREAMS", "must be at least 1"));
         }
         if self.reaper_interval < Duration::from_millis(10) {
             return Err(bad("--reaper-interval", "IDEMD_REAPER_INTERVAL", "must be at least 10ms"));

@@ -44,6 +44,22 @@ pub enum Error {
     /// passed before the store answered.
     #[error("deadline exceeded before the store answered")]
     DeadlineExceeded,
+    /// UNAUTHENTICATED, reason `UNAUTHENTICATED`: auth is on and the call
+    /// carries no known token or client certificate.
+    #[error("missing or unknown credentials: send `authorization: Bearer <token>`")]
+    Unauthenticated,
+    /// PERMISSION_DENIED, reason `NAMESPACE_DENIED`: the credentials do not
+    /// grant this namespace. Says nothing about whether the key exists.
+    #[error("these credentials do not grant this namespace")]
+    NamespaceDenied,
+    /// RESOURCE_EXHAUSTED, reason `TOO_MANY_WAITERS`: no room to park one
+    /// more `wait_timeout` waiter (overall or in this namespace).
+    #[error("too many waiting Begin calls in {0}; retry after retry_after or without wait_timeout")]
+    TooManyWaiters(&'static str),
+    /// RESOURCE_EXHAUSTED, reason `RATE_LIMITED`: the namespace's request
+    /// rate limit was reached.
+    #[error("request rate limit of this namespace reached; retry with backoff")]
+    RateLimited,
     /// INTERNAL: a bug or an impossible row; logged, not echoed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -63,6 +79,10 @@ impl Error {
             Error::NotFound => "NOT_FOUND",
             Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => "STORE_UNAVAILABLE",
             Error::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Error::Unauthenticated => "UNAUTHENTICATED",
+            Error::NamespaceDenied => "NAMESPACE_DENIED",
+            Error::TooManyWaiters(_) => "TOO_MANY_WAITERS",
+            Error::RateLimited => "RATE_LIMITED",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -74,6 +94,9 @@ impl Error {
             Error::NotFound => Code::NotFound,
             Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => Code::Unavailable,
             Error::DeadlineExceeded => Code::DeadlineExceeded,
+            Error::Unauthenticated => Code::Unauthenticated,
+            Error::NamespaceDenied => Code::PermissionDenied,
+            Error::TooManyWaiters(_) | Error::RateLimited => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
         }
     }

@@ -8,6 +8,8 @@
 //! - [`domain`] holds plain validated types and the outcome of each transition.
 //! - [`store`] is the `Store` trait and its Postgres and SQLite implementations,
 //!   where all correctness lives (one atomic statement per transition).
+//! - [`auth`] maps credentials to namespaces; [`tls`] terminates TLS and caps
+//!   connections; [`limits`] bounds waiters and request rates.
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
@@ -15,11 +17,13 @@
 //!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod lookup;
 pub mod metrics;
 pub mod observe;
@@ -28,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod wakeups;
 
 /// Code generated from `proto/idemd/v1/idempotency.proto`.

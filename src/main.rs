@@ -15,9 +15,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC server (applies migrations first unless --no-migrate).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Apply migrations and exit (for a Kubernetes Job).
     Migrate(DatabaseConfig),
+    /// Draw a new random token and print it, then its line for the tokens file.
+    Token {
+        /// A namespace (or `prefix.*` pattern) the token grants; repeat for more.
+        #[arg(long = "grant", required = true)]
+        grants: Vec<String>,
+    },
     /// Print one record of a running server as JSON.
     Lookup {
         #[arg(long)]
@@ -37,13 +43,19 @@ async fn main() -> anyhow::Result<()> {
             let telemetry = telemetry::init(config.log_format)?;
             config.validate()?;
             let listeners = server::Listeners::bind(&config).await?;
-            let result = server::run(config, listeners, server::shutdown_signal()).await;
+            let result = server::run(*config, listeners, server::shutdown_signal()).await;
             telemetry.shutdown();
             result
         }
         Command::Migrate(database) => {
             let _telemetry = telemetry::init(LogFormat::Text)?;
             server::migrate(&database).await
+        }
+        Command::Token { grants } => {
+            let (token, line) = idemd::auth::new_token(&grants).map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            println!("{line}");
+            Ok(())
         }
         Command::Lookup { namespace, key, addr } => {
             let record = lookup::lookup(addr, namespace, key).await?;

@@ -94,6 +94,10 @@ fn outcome_of_error(error: &Error) -> &'static str {
         Error::NotFound => "not_found",
         Error::StoreUnavailable(_) | Error::StoreTimeout | Error::Contention(_) => "store_unavailable",
         Error::DeadlineExceeded => "deadline_exceeded",
+        Error::Unauthenticated => "unauthenticated",
+        Error::NamespaceDenied => "namespace_denied",
+        Error::TooManyWaiters(_) => "too_many_waiters",
+        Error::RateLimited => "rate_limited",
         Error::Internal(_) => "internal",
     }
 }

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
+use crate::auth::{AuthInterceptor, Authenticator};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::health::Readiness;
@@ -27,6 +28,7 @@ use crate::service::{IdempotencyService, Limits};
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
+use crate::tls::{self, ReloadingTls, TlsFiles};
 use crate::wakeups::Wakeups;
 use crate::{health, reaper};
 
@@ -153,6 +155,25 @@ async fn serve<S: Store>(
     );
     let service = pb::idempotency_server::IdempotencyServer::new(service)
         .max_decoding_message_size(config.max_response_bytes + REQUEST_OVERHEAD_BYTES);
+    let authenticator = match &config.auth_tokens_file {
+        Some(path) => {
+            let authenticator = Authenticator::load(path)?;
+            tasks.push(authenticator.spawn_watcher(background.clone()));
+            Some(authenticator)
+        }
+        None => None,
+    };
+    // Health and reflection stay open: Kubernetes probes send no credentials.
+    let service = InterceptedService::new(service, AuthInterceptor(authenticator));
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
+            let tls = ReloadingTls::load(files)?;
+            tasks.push(tls.spawn_watcher(background.clone()));
+            Some(tls)
+        }
+        _ => None,
+    };
 
     let listener = listeners.grpc;
     let addr = listener.local_addr()?;
@@ -169,19 +190,23 @@ async fn serve<S: Store>(
             draining.cancel();
         }
     };
-    // Small gRPC frames must not wait for Nagle's algorithm.
-    let incoming = TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
-    });
-    let server = Server::builder()
+    let router = Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
         .layer(WireErrorsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(service);
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let server = async {
+        match tls {
+            Some(tls) => {
+                let incoming = tls::tls_incoming(listener, tls, slots, draining.clone());
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            None => router.serve_with_incoming_shutdown(tls::plain_incoming(listener, slots), signal).await,
+        }
+    };
 
     let grace = config.shutdown_grace;
     let result = tokio::select! {

@@ -11,12 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::auth::Principal;
 use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
 use crate::domain::{
-    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Record, RecordId,
-    Timestamp, check_fingerprint, check_lease_token, check_text,
+    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Namespace, Record,
+    RecordId, Timestamp, check_fingerprint, check_lease_token, check_text,
 };
 use crate::error::{Error, Result};
+use crate::limits::{RateLimiter, WaiterLimits};
 use crate::metrics::Metrics;
 use crate::observe::{Reply, RpcCall};
 use crate::pb;
@@ -36,6 +38,11 @@ pub struct Limits {
     pub max_retention: Duration,
     pub max_response_bytes: usize,
     pub store_timeout: Duration,
+    /// Every call must carry credentials (`--auth-tokens-file` is set).
+    pub auth_required: bool,
+    pub max_waiters: usize,
+    pub max_waiters_per_namespace: usize,
+    pub rate_limit_per_namespace: u32,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -47,6 +54,10 @@ impl From<&ServeConfig> for Limits {
             max_retention: config.max_retention,
             max_response_bytes: config.max_response_bytes,
             store_timeout: config.database.store_timeout,
+            auth_required: config.auth_tokens_file.is_some(),
+            max_waiters: config.max_waiters,
+            max_waiters_per_namespace: config.max_waiters_per_namespace,
+            rate_limit_per_namespace: config.rate_limit_per_namespace,
         }
     }
 }
@@ -56,6 +67,8 @@ pub struct IdempotencyService<S> {
     wakeups: Arc<Wakeups>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    waiter_limits: Arc<WaiterLimits>,
+    rate_limiter: Option<RateLimiter>,
     /// Cancelled when shutdown begins: parked waiters answer at once instead
     /// of holding the drain for up to a minute.
     stop_waiting: CancellationToken,
@@ -69,7 +82,25 @@ impl<S: Store> IdempotencyService<S> {
         limits: Limits,
         stop_waiting: CancellationToken,
     ) -> Self {
-        IdempotencyService { store, wakeups, metrics, limits, stop_waiting }
+        let waiter_limits = WaiterLimits::new(limits.max_waiters, limits.max_waiters_per_namespace);
+        let rate_limiter = RateLimiter::new(limits.rate_limit_per_namespace);
+        IdempotencyService { store, wakeups, metrics, limits, waiter_limits, rate_limiter, stop_waiting }
+    }
+
+    /// After the fields are valid and before the store: is this caller
+    /// granted the namespace, and within its rate? The answer never depends
+    /// on whether the key exists.
+    fn admit(&self, principal: Option<&Principal>, namespace: &Namespace) -> Result<()> {
+        match principal {
+            Some(principal) => principal.check(namespace)?,
+            // Fail closed: with auth on, a request the interceptor did not mark is refused.
+            None if self.limits.auth_required => return Err(Error::Unauthenticated),
+            None => {}
+        }
+        if let Some(limiter) = &self.rate_limiter {
+            limiter.check(namespace)?;
+        }
+        Ok(())
     }
 
     /// Bounds one store call by `--store-timeout` and the caller's deadline,
@@ -114,7 +145,7 @@ impl<S: Store> IdempotencyService<S> {
         // Subscribed before the first attempt: a wake-up between the attempt
         // and the wait is not lost.
         let mut subscription = self.wakeups.subscribe(&request.id);
-        let _waiting = self.metrics.waiting();
+        let mut parked = None;
         loop {
             let outcome = self.bounded("begin", deadline, self.store.begin(request)).await?;
             let BeginOutcome::InProgress(busy) = &outcome else {
@@ -123,6 +154,9 @@ impl<S: Store> IdempotencyService<S> {
             let now = Instant::now();
             if now >= wait_until || self.stop_waiting.is_cancelled() {
                 return Ok(outcome);
+            }
+            if parked.is_none() {
+                parked = Some((self.waiter_limits.admit(&request.id.namespace)?, self.metrics.waiting()));
             }
             // Wake at the latest when the holder's lease runs out (it may be
             // taken over then), or for the periodic re-check.
@@ -300,6 +334,7 @@ impl<S: Store> IdempotencyService<S> {
     async fn begin_call(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<Reply<pb::BeginResponse>> {
         let started = Instant::now();
         let timeout = grpc_timeout(request.metadata());
+        let principal = request.extensions().get::<Principal>().cloned();
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
@@ -321,6 +356,7 @@ impl<S: Store> IdempotencyService<S> {
             MAX_WAIT_TIMEOUT,
         )?;
         check_text("attempt_nonce", &message.attempt_nonce, MAX_NONCE_LEN, true)?;
+        self.admit(principal.as_ref(), &id.namespace)?;
         let begin = domain::BeginRequest {
             id,
             fingerprint: message.fingerprint,
@@ -343,6 +379,7 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Reply<pb::CompleteResponse>> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
@@ -355,6 +392,7 @@ impl<S: Store> IdempotencyService<S> {
             ));
         }
         check_text("content_type", &message.content_type, MAX_CONTENT_TYPE_LEN, true)?;
+        self.admit(principal.as_ref(), &id.namespace)?;
         let request = CompleteRequest {
             id,
             lease_token: message.lease_token,
@@ -374,6 +412,7 @@ impl<S: Store> IdempotencyService<S> {
     }
 
     async fn abort_call(&self, call: &RpcCall, request: Request<pb::AbortRequest>) -> Result<Reply<pb::AbortResponse>> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
@@ -383,6 +422,7 @@ impl<S: Store> IdempotencyService<S> {
         if message.reason.contains('\0') {
             return Err(Error::invalid("reason", "reason contains a NUL character"));
         }
+        self.admit(principal.as_ref(), &id.namespace)?;
         self.bounded("abort", deadline, self.store.abort(&id, &message.lease_token, &message.reason)).await?;
         Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
     }
@@ -392,12 +432,14 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Reply<pb::HeartbeatResponse>> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
         check_lease_token(&message.lease_token)?;
         let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
+        self.admit(principal.as_ref(), &id.namespace)?;
         let lease_expires_at =
             self.bounded("heartbeat", deadline, self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
         Ok(Reply {
@@ -412,10 +454,12 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::LookupRequest>,
     ) -> Result<Reply<pb::LookupResponse>> {
+        let principal = request.extensions().get::<Principal>().cloned();
         let deadline = deadline_of(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
+        self.admit(principal.as_ref(), &id.namespace)?;
         let record = self.bounded("lookup", deadline, self.store.lookup(&id)).await?;
         let attempt = record.attempt;
         Ok(Reply {

@@ -11,7 +11,7 @@ use idemd::pb::{self, begin_response::Outcome};
 use sqlx::Connection;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -19,6 +19,17 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_types::StatusExt;
 
 pub const NS: &str = "payments";
+
+/// A lazily connecting channel to `addr`, over TLS when `tls` is given.
+pub fn test_channel(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> Channel {
+    let endpoint = match tls {
+        Some(tls) => {
+            Channel::from_shared(format!("https://{addr}")).expect("uri").tls_config(tls.clone()).expect("tls config")
+        }
+        None => Channel::from_shared(format!("http://{addr}")).expect("uri"),
+    };
+    endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -46,6 +57,9 @@ pub async fn fresh_postgres_database(admin: &str) -> String {
 }
 
 pub struct TestApp {
+    /// The one connection `client` and `health()` share.
+    shared_channel: Channel,
+    pub tls: Option<ClientTlsConfig>,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub client: IdempotencyClient<Channel>,
@@ -88,6 +102,11 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
 
 /// Starts a server with exactly this configuration (the database must exist).
 pub async fn spawn_on(config: ServeConfig) -> TestApp {
+    spawn_on_tls(config, None).await
+}
+
+/// Starts a server whose clients connect with `tls` (server name `localhost`).
+pub async fn spawn_on_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -98,11 +117,10 @@ pub async fn spawn_on(config: ServeConfig) -> TestApp {
     let handle = tokio::spawn(idemd::server::run(config, listeners, async {
         let _ = rx.await;
     }));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
+    let channel = test_channel(addr, tls.as_ref());
     let app = TestApp {
+        shared_channel: channel.clone(),
+        tls,
         addr,
         metrics_addr,
         client: IdempotencyClient::new(channel),
@@ -118,11 +136,12 @@ pub async fn spawn_on(config: ServeConfig) -> TestApp {
 
 impl TestApp {
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect_lazy()
+        test_channel(self.addr, self.tls.as_ref())
     }
 
+    /// Health checks over the app's own connection (no connection per poll).
     pub fn health(&self) -> HealthClient<Channel> {
-        HealthClient::new(self.channel())
+        HealthClient::new(self.shared_channel.clone())
     }
 
     pub async fn readiness(&self) -> Option<ServingStatus> {

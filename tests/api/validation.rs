@@ -165,7 +165,7 @@ async fn undecodable_request_is_invalid_argument(backend: Backend) {
 }
 
 /// Sends raw bytes as the body of a gRPC call and returns the status.
-async fn raw_call(app: &TestApp, path: &str, body: Vec<u8>) -> tonic::Status {
+pub async fn raw_call(app: &TestApp, path: &str, body: Vec<u8>) -> tonic::Status {
     use http_body_util::BodyExt;
     use tower_service::Service;
     let mut channel = app.channel();
