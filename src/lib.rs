@@ -12,12 +12,14 @@
 //!   connections; [`limits`] bounds waiters and request rates.
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
+//! - [`client`] is the Rust client and its exactly-once helper.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   [`metrics`] the registry behind `/metrics`, [`observe`] the span and
 //!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod domain;

@@ -7,6 +7,7 @@ mod pg_cluster;
 
 mod abort;
 mod begin;
+mod client;
 mod complete;
 mod fuzz;
 mod heartbeat_lookup;
