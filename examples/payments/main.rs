@@ -1,0 +1,219 @@
+//! The payment demo: proves "charged once" end to end.
+//!
+//! - a fake payment provider that records charges and, like Stripe,
+//!   deduplicates by idempotency key;
+//! - a payment service that charges through idemd with the Rust client's
+//!   `run_once`, passing idemd's `downstream_key` to the provider;
+//! - a chaos driver: several concurrent workers per payment, transient
+//!   provider failures (aborted and retried), declined cards (stored and
+//!   replayed), and workers that crash between charging and completing.
+//!
+//! It prints a ledger and ends with `double charges: <n>` (exit 1 unless 0
+//! and every payment finished). Run it with `examples/payments/run`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use idemd::client::{Attempt, Client, Failure, Policy, Response, entity_key, fingerprint};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// What the provider answers for one idempotency key.
+#[derive(Clone, Debug)]
+enum ProviderResult {
+    Charged { charge_id: String },
+    Declined,
+}
+
+#[derive(Default)]
+struct Provider {
+    /// idempotency key → the first answer, replayed to every repeat.
+    by_key: Mutex<HashMap<String, ProviderResult>>,
+    /// payment → charges actually created for it.
+    charges_per_payment: Mutex<HashMap<String, u32>>,
+    raw_calls: AtomicU64,
+    deduplicated: AtomicU64,
+    transient_failures: AtomicU64,
+}
+
+struct Transient;
+
+impl Provider {
+    /// A charge request. Transient failures happen before anything is charged.
+    fn charge(
+        &self,
+        idempotency_key: &str,
+        payment: &str,
+        declined: bool,
+        fail: bool,
+    ) -> Result<ProviderResult, Transient> {
+        self.raw_calls.fetch_add(1, Ordering::SeqCst);
+        if fail {
+            self.transient_failures.fetch_add(1, Ordering::SeqCst);
+            return Err(Transient);
+        }
+        let mut by_key = self.by_key.lock().expect("provider");
+        if let Some(previous) = by_key.get(idempotency_key) {
+            // Without the key this call would have charged the customer again.
+            self.deduplicated.fetch_add(1, Ordering::SeqCst);
+            return Ok(previous.clone());
+        }
+        let result = if declined {
+            ProviderResult::Declined
+        } else {
+            let mut per_payment = self.charges_per_payment.lock().expect("provider");
+            let count = per_payment.entry(payment.to_string()).or_insert(0);
+            *count += 1;
+            ProviderResult::Charged { charge_id: format!("ch_{}_{}", payment, count) }
+        };
+        by_key.insert(idempotency_key.to_string(), result.clone());
+        Ok(result)
+    }
+}
+
+struct Settings {
+    payments: u64,
+    workers: u64,
+    seed: u64,
+    addr: String,
+}
+
+fn settings() -> Settings {
+    let mut settings = Settings {
+        payments: 200,
+        workers: 3,
+        seed: 42,
+        addr: std::env::var("IDEMD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let value = pair.get(1).cloned().unwrap_or_default();
+        let number = || value.parse::<u64>().unwrap_or_else(|_| panic!("{} needs a number", pair[0]));
+        match pair[0].as_str() {
+            "--payments" => settings.payments = number(),
+            "--workers" => settings.workers = number(),
+            "--seed" => settings.seed = number(),
+            "--addr" => settings.addr = value,
+            other => panic!("unknown argument {other}: use --payments N --workers N --seed N --addr URL"),
+        }
+    }
+    settings
+}
+
+async fn wait_until_ready(addr: &str) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    for _ in 0..300 {
+        if let Ok(channel) = tonic::transport::Channel::from_shared(addr.to_string()).expect("address").connect().await
+            && let Ok(response) =
+                HealthClient::new(channel).check(HealthCheckRequest { service: idemd::pb::SERVICE_NAME.into() }).await
+            && response.into_inner().status == 1
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("idemd at {addr} is not ready");
+}
+
+/// One worker of one payment: retries until the payment has an answer.
+async fn worker(client: Client, provider: &Provider, payment: u64, worker: u64, seed: u64) -> Option<Response> {
+    let mut rng = StdRng::seed_from_u64(seed ^ (payment << 8) ^ worker);
+    let payment_id = format!("pay-{payment}");
+    let key = entity_key(&payment_id, "charge");
+    let amount = (1000 + payment * 7).to_string();
+    let fp = fingerprint(&[("payment", payment_id.as_bytes()), ("amount", amount.as_bytes()), ("currency", b"EUR")]);
+    // A card is declined or not whoever asks: decided by the payment.
+    let declined = payment % 17 == 3;
+    for _ in 0..60 {
+        let (fail, crash) = (rng.random_bool(0.15), rng.random_bool(0.15));
+        let payment_id = &payment_id;
+        let operation = |attempt: Attempt| async move {
+            let result = provider.charge(&attempt.downstream_key, payment_id, declined, fail);
+            if crash && result.is_ok() {
+                // Charged, then the process dies before telling idemd.
+                std::future::pending::<()>().await;
+            }
+            match result {
+                Ok(ProviderResult::Charged { charge_id }) => {
+                    Ok(Response { body: charge_id.into_bytes(), code: 201, content_type: "text/plain".into() })
+                }
+                Ok(ProviderResult::Declined) => Err(Failure::Final(Response {
+                    body: b"card_declined".to_vec(),
+                    code: 402,
+                    content_type: "text/plain".into(),
+                })),
+                Err(Transient) => Err(Failure::Retryable("provider 503")),
+            }
+        };
+        // A crashed worker is one whose call never returns: cut it off.
+        match tokio::time::timeout(Duration::from_secs(2), client.run_once(&key, &fp, operation)).await {
+            Ok(Ok(done)) => return Some(done.response),
+            Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await,
+        }
+    }
+    None
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = settings();
+    wait_until_ready(&settings.addr).await;
+    let policy = Policy {
+        lease_ttl: Duration::from_secs(1),
+        wait: Duration::from_millis(500),
+        in_progress_budget: Duration::from_secs(1),
+        ..Policy::default()
+    };
+    let client = Client::connect_lazy(&settings.addr, "demo-payments", policy).expect("address");
+    let provider = Provider::default();
+    let started = std::time::Instant::now();
+
+    let answers: Vec<Vec<Option<Response>>> = futures::future::join_all((0..settings.payments).map(|payment| {
+        let (client, provider) = (client.clone(), &provider);
+        async move {
+            futures::future::join_all(
+                (0..settings.workers).map(|w| worker(client.clone(), provider, payment, w, settings.seed)),
+            )
+            .await
+        }
+    }))
+    .await;
+
+    let charges = provider.charges_per_payment.lock().expect("provider").clone();
+    let mut finished = 0;
+    let mut declined = 0;
+    let mut disagreements = 0;
+    for (payment, answers) in answers.iter().enumerate() {
+        let got: Vec<&Response> = answers.iter().flatten().collect();
+        if got.is_empty() {
+            continue;
+        }
+        finished += 1;
+        // Every worker of a payment saw the same stored answer.
+        if got.iter().any(|r| *r != got[0]) {
+            disagreements += 1;
+        }
+        if got[0].code == 402 {
+            declined += 1;
+        } else if charges.get(&format!("pay-{payment}")).copied().unwrap_or(0) == 0 {
+            disagreements += 1;
+        }
+    }
+    let kept: u32 = charges.values().sum();
+    let double = charges.values().filter(|&&n| n > 1).count();
+    println!("payments:                        {}", settings.payments);
+    println!("finished (charged or declined):  {finished} ({declined} declined)");
+    println!("workers per payment:             {}", settings.workers);
+    println!("raw charge calls:                {}", provider.raw_calls.load(Ordering::SeqCst));
+    println!("transient provider failures:     {}", provider.transient_failures.load(Ordering::SeqCst));
+    println!("charges kept by the provider:    {kept}");
+    println!("answers that disagree:           {disagreements}");
+    println!("double charges without the downstream key: {}", provider.deduplicated.load(Ordering::SeqCst));
+    println!("run time:                        {:.1?}", started.elapsed());
+    println!("double charges: {double}");
+    if double > 0 || finished != settings.payments as usize || disagreements > 0 {
+        std::process::exit(1);
+    }
+}
