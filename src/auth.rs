@@ -138,7 +138,13 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 fn read_grants(path: &Path) -> std::result::Result<Grants, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    Grants::parse(&text)
+    let grants = Grants::parse(&text)?;
+    // An empty file is far more often one caught mid-write than an intent
+    // to lock every caller out; stop idemd to revoke everything at once.
+    if grants.is_empty() {
+        return Err("no grants in the file".into());
+    }
+    Ok(grants)
 }
 
 impl Authenticator {
@@ -163,8 +169,13 @@ impl Authenticator {
 
     /// Re-reads the file; a broken one keeps the previous grants.
     pub fn reload(&self) -> bool {
-        *self.modified.write().unwrap_or_else(std::sync::PoisonError::into_inner) = modified(&self.path);
-        match read_grants(&self.path) {
+        let before = modified(&self.path);
+        let read = read_grants(&self.path);
+        // Changed while being read: leave the stamp stale so the next tick reads it again.
+        if modified(&self.path) == before {
+            *self.modified.write().unwrap_or_else(std::sync::PoisonError::into_inner) = before;
+        }
+        match read {
             Ok(grants) => {
                 tracing::info!(path = %self.path.display(), credentials = grants.len(), "auth tokens reloaded");
                 *self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(grants);
@@ -318,5 +329,6 @@ mod tests {
         assert!(Grants::parse(&format!("sha256:{hash} Payments")).is_err());
         assert!(Grants::parse(&format!("sha256:{hash} tenant*")).is_err());
         assert!(Grants::parse(&format!("sha256:{hash}")).is_err());
+        assert!(Grants::parse("# only a comment\n").is_ok_and(|g| g.is_empty()));
     }
 }

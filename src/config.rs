@@ -69,12 +69,21 @@ impl FromStr for DatabaseUrl {
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match url::Url::parse(&self.0) {
-            Ok(mut parsed) if parsed.password().is_some() => {
-                // set_password only fails for URLs that cannot have one.
-                let _ = parsed.set_password(Some("***"));
+            Ok(mut parsed) => {
+                if parsed.password().is_some() {
+                    // set_password only fails for URLs that cannot have one.
+                    let _ = parsed.set_password(Some("***"));
+                }
+                // sqlx also takes the password as a query parameter.
+                if parsed.query_pairs().any(|(name, _)| name == "password") {
+                    let pairs: Vec<(String, String)> = parsed
+                        .query_pairs()
+                        .map(|(n, v)| (n.to_string(), if n == "password" { "***".to_string() } else { v.to_string() }))
+                        .collect();
+                    parsed.query_pairs_mut().clear().extend_pairs(pairs);
+                }
                 write!(f, "{parsed}")
             }
-            Ok(_) => write!(f, "{}", self.0),
             Err(_) => write!(f, "<unparsable database url>"),
         }
     }
@@ -306,6 +315,8 @@ mod tests {
     fn database_password_is_hidden() {
         let url = DatabaseUrl::new("postgres://idemd:s3cret@db:5432/idemd");
         assert!(!format!("{url:?} {url}").contains("s3cret"));
+        let url = DatabaseUrl::new("postgres://db/idemd?user=idemd&password=s3cret");
+        assert!(!format!("{url:?} {url}").contains("s3cret"), "{url}");
         assert!("mysql://x".parse::<DatabaseUrl>().is_err());
     }
 }

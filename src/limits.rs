@@ -73,6 +73,8 @@ impl Drop for WaiterPermit {
 pub struct RateLimiter {
     rate: f64,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// The last sweep of full buckets: at most one a second, however many namespaces.
+    swept: Mutex<Instant>,
 }
 
 /// Past this many namespaces, buckets that refilled completely are dropped.
@@ -81,13 +83,19 @@ const MAX_BUCKETS: usize = 10_000;
 impl RateLimiter {
     /// `None` when `rate` is 0 (off).
     pub fn new(rate: u32) -> Option<Self> {
-        (rate > 0).then(|| RateLimiter { rate: f64::from(rate), buckets: Mutex::new(HashMap::new()) })
+        (rate > 0).then(|| RateLimiter {
+            rate: f64::from(rate),
+            buckets: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
+        })
     }
 
     pub fn check(&self, namespace: &Namespace) -> Result<()> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        if buckets.len() > MAX_BUCKETS {
+        let mut swept = self.swept.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() > MAX_BUCKETS && now.duration_since(*swept) >= std::time::Duration::from_secs(1) {
+            *swept = now;
             let rate = self.rate;
             buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < rate);
         }

@@ -58,8 +58,9 @@ pub fn spawn_reaper<S: Store>(
                 for lease in &reaped {
                     // A reaped lease means a caller died mid-operation.
                     tracing::warn!(
-                        namespace = %lease.namespace,
-                        key = %lease.key,
+                        namespace = ?lease.namespace,
+                        // Debug-quoted: a key cannot forge other log fields.
+                        key = ?lease.key,
                         attempt = lease.attempt,
                         "lease expired without Complete or Abort; aborted by the reaper"
                     );

@@ -34,6 +34,9 @@ use crate::{health, reaper};
 
 /// Room for the other fields of a CompleteRequest next to the largest response.
 const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+/// HTTP/2 pings on idle connections, and how long an answer may take.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long background tasks get to stop after the drain.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -161,7 +164,11 @@ async fn serve<S: Store>(
             tasks.push(authenticator.spawn_watcher(background.clone()));
             Some(authenticator)
         }
-        None => None,
+        None => {
+            // SIGHUP's default action would kill the process: with nothing to reload, note it.
+            tasks.push(ignore_hangups(background.clone()));
+            None
+        }
     };
     // Health and reflection stay open: Kubernetes probes send no credentials.
     let service = InterceptedService::new(service, AuthInterceptor(authenticator));
@@ -192,6 +199,9 @@ async fn serve<S: Store>(
     };
     let router = Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)
+        // Dead peers are detected and their connection slots freed.
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(WireErrorsLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -234,6 +244,18 @@ async fn serve<S: Store>(
     metrics.shutdown();
     tracing::info!("idemd stopped");
     result
+}
+
+fn ignore_hangups(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = hangups.recv() => tracing::info!("SIGHUP: nothing to reload (no --auth-tokens-file)"),
+            }
+        }
+    })
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).

@@ -161,8 +161,8 @@ async fn a_reaped_lease_logs_a_warning_naming_it() {
     let Some(Outcome::Acquired(lease)) = outcome else { panic!("{outcome:?}") };
     let line = idemd.wait_for_log("aborted by the reaper", Duration::from_secs(15));
     assert!(line.contains("WARN"), "{line}");
-    assert!(line.contains("namespace=payments"), "{line}");
-    assert!(line.contains("key=crashed-caller"), "{line}");
+    assert!(line.contains(r#"namespace="payments""#), "{line}");
+    assert!(line.contains(r#"key="crashed-caller""#), "{line}");
     assert!(line.contains("attempt=1"), "{line}");
     assert!(!line.contains(&lease.lease_token), "{line}");
 }

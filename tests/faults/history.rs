@@ -40,6 +40,10 @@ pub enum Answer {
         response: Vec<u8>,
     },
     InProgress,
+    /// A Heartbeat's new lease end.
+    Extended {
+        lease_expires_at: Time,
+    },
     Ok,
     Error {
         code: tonic::Code,
@@ -106,7 +110,11 @@ impl Invariant {
 
 struct Acquisition {
     attempt: u32,
+    /// Postgres's now() at the acquiring statement: its start, not its commit.
     acquired_at: Time,
+    /// When the client had the acquisition in hand (after the commit).
+    acknowledged_at: Time,
+    /// The latest lease end the store acknowledged (acquisition or heartbeat).
     lease_expires_at: Time,
     /// The earliest moment the holder itself may have ended the lease (its
     /// first Complete or Abort, whatever the answer was).
@@ -153,19 +161,38 @@ pub fn check(
         let mut acquisitions: HashMap<&str, Acquisition> = HashMap::new();
         for event in events {
             if let Answer::Acquired { token, attempt, lease_expires_at } = &event.answer {
-                acquisitions.entry(token.as_str()).or_insert(Acquisition {
+                let acquisition = acquisitions.entry(token.as_str()).or_insert(Acquisition {
                     attempt: *attempt,
                     acquired_at: *lease_expires_at - ttl(),
+                    acknowledged_at: event.received,
                     lease_expires_at: *lease_expires_at,
                     ended_by_holder: None,
                 });
+                acquisition.acknowledged_at = acquisition.acknowledged_at.min(event.received);
             }
         }
         for event in events {
+            if let (Call::Heartbeat { token }, Answer::Extended { lease_expires_at }) = (&event.call, &event.answer)
+                && let Some(acquisition) = acquisitions.get_mut(token.as_str())
+            {
+                acquisition.lease_expires_at = acquisition.lease_expires_at.max(*lease_expires_at);
+            }
             let token = match &event.call {
                 Call::Complete { token, .. } | Call::Abort { token } => token,
                 _ => continue,
             };
+            // A call that definitely changed nothing did not end the lease; an
+            // OK or an unknown outcome (timeout, unavailable) may have.
+            let changed_nothing = matches!(
+                event.answer,
+                Answer::Error {
+                    code: tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::InvalidArgument,
+                    ..
+                }
+            );
+            if changed_nothing {
+                continue;
+            }
             if let Some(acquisition) = acquisitions.get_mut(token.as_str()) {
                 let sent = event.sent;
                 acquisition.ended_by_holder = Some(acquisition.ended_by_holder.map_or(sent, |t| t.min(sent)));
@@ -189,12 +216,35 @@ pub fn check(
                     later.attempt, later.acquired_at, earlier.attempt, earlier.acquired_at
                 ));
             }
-            let earliest_end =
-                earlier.ended_by_holder.map_or(earlier.lease_expires_at, |t| t.min(earlier.lease_expires_at));
-            if later.acquired_at < earliest_end {
+            // A takeover needs the lease expired by the statement's clock, so
+            // acquired_at is exact against expiry; after an Abort the statement
+            // may have started before it and waited on the row, so only an
+            // acquisition acknowledged before the holder even sent its Abort
+            // or Complete is a certain overlap.
+            let before_expiry = later.acquired_at < earlier.lease_expires_at;
+            let before_holder_ended = earlier.ended_by_holder.is_none_or(|ended| later.acknowledged_at < ended);
+            if before_expiry && before_holder_ended {
                 chain.violations.push(format!(
                     "{key}: attempt {} acquired at {} while attempt {} held a live lease until {}",
-                    later.attempt, later.acquired_at, earlier.attempt, earliest_end
+                    later.attempt, later.acquired_at, earlier.attempt, earlier.lease_expires_at
+                ));
+            }
+        }
+
+        // 2. A superseded token's Abort or Heartbeat never succeeds.
+        for event in events {
+            let token = match (&event.call, &event.answer) {
+                (Call::Abort { token }, Answer::Ok) | (Call::Heartbeat { token }, Answer::Extended { .. }) => token,
+                _ => continue,
+            };
+            let Some(mine) = acquisitions.get(token.as_str()) else { continue };
+            superseded.checked += 1;
+            if let Some(newer) =
+                acquisitions.values().find(|a| a.attempt > mine.attempt && a.acknowledged_at < event.sent)
+            {
+                superseded.violations.push(format!(
+                    "{key}: {:?} by attempt {} succeeded after attempt {} was acquired",
+                    event.call, mine.attempt, newer.attempt
                 ));
             }
         }
@@ -283,6 +333,18 @@ pub fn check(
                     if row.attempt < max_attempt {
                         durable.violations.push(format!(
                             "{key}: database has attempt {} but attempt {max_attempt} was acknowledged",
+                            row.attempt
+                        ));
+                    }
+                    let completed_attempt = completed.iter().find_map(|e| match &e.call {
+                        Call::Complete { token, .. } => acquisitions.get(token.as_str()).map(|a| a.attempt),
+                        _ => None,
+                    });
+                    if let Some(attempt) = completed_attempt
+                        && row.attempt != attempt
+                    {
+                        durable.violations.push(format!(
+                            "{key}: completed by attempt {attempt}, but the database holds attempt {}",
                             row.attempt
                         ));
                     }

@@ -143,11 +143,14 @@ async fn client(shared: Arc<Shared>, seed: u64) {
                 namespace: NAMESPACE.into(),
                 key: key.clone(),
                 lease_token: token.clone(),
-                lease_ttl: None,
+                lease_ttl: Some(prost_types::Duration { seconds: LEASE_TTL.as_secs() as i64, nanos: 0 }),
             });
             tonic_timeout(&mut request, &shared);
             let call = Call::Heartbeat { token: token.clone() };
-            timed(&shared, &key, replica, call, client.heartbeat(request), |_| Answer::Ok).await;
+            let extended = |r: tonic::Response<pb::HeartbeatResponse>| Answer::Extended {
+                lease_expires_at: to_time(r.into_inner().lease_expires_at),
+            };
+            timed(&shared, &key, replica, call, client.heartbeat(request), extended).await;
         }
         // Complete, retried through other replicas while the answer is unknown.
         let payload = format!("{key}|{token}").into_bytes();
@@ -181,6 +184,16 @@ async fn client(shared: Arc<Shared>, seed: u64) {
 async fn recover(shared: &Shared, probe: &mut u64) -> Duration {
     let started = Instant::now();
     for (replica, channel) in shared.channels.iter().enumerate() {
+        // Readiness first: the orchestrator would route nothing here before.
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(120), "replica {replica} never became ready");
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            let check = tonic_health::pb::HealthCheckRequest { service: pb::SERVICE_NAME.into() };
+            if health.check(check).await.is_ok_and(|r| r.into_inner().status == 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         loop {
             assert!(started.elapsed() < Duration::from_secs(120), "replica {replica} never recovered");
             *probe += 1;
@@ -287,7 +300,9 @@ async fn faults_never_break_the_invariants() {
                 eprintln!("fault {faults}: every Postgres connection cut, new ones refused for 2 s");
                 proxy.set_refusing(true);
                 proxy.cut_all();
+                let from = Utc::now();
                 tokio::time::sleep(Duration::from_secs(2)).await;
+                shared.history.outage(from, Utc::now());
                 proxy.set_refusing(false);
             }
         }

@@ -32,11 +32,13 @@ impl Proxy {
             tokio::spawn(async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else { continue };
+                    // Subscribed before the check: a cut either refuses this
+                    // connection here or reaches it through `cut`.
+                    let (latency_ms, cut) = (latency_ms.clone(), cuts.subscribe());
                     if refusing.load(Ordering::SeqCst) {
                         drop(client);
                         continue;
                     }
-                    let (latency_ms, cut) = (latency_ms.clone(), cuts.subscribe());
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(upstream).await else { return };
                         let _ = client.set_nodelay(true);

@@ -15,8 +15,16 @@ pub struct Replicas {
     dir: tempfile::TempDir,
 }
 
+/// A free port below the kernel's ephemeral range, so an outgoing connection
+/// cannot take it while its replica is down between kill and restart.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+    use rand::Rng;
+    loop {
+        let port = rand::rng().random_range(20_000..30_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Replicas {
@@ -103,7 +111,9 @@ impl Replicas {
         let mut reaped = Vec::new();
         for replica in 0..self.ports.len() {
             let text = std::fs::read_to_string(self.log(replica)).unwrap_or_default();
-            for line in text.lines().filter(|l| l.contains("aborted by the reaper") && l.contains("namespace=faults")) {
+            for line in
+                text.lines().filter(|l| l.contains("aborted by the reaper") && l.contains("namespace=\"faults\""))
+            {
                 let field = |name: &str| {
                     line.split_whitespace()
                         .find_map(|part| part.strip_prefix(&format!("{name}=")))
