@@ -24,6 +24,8 @@ enum Command {
         #[arg(long = "grant", required = true)]
         grants: Vec<String>,
     },
+    /// Load generator against a running server (Begin → Complete pairs).
+    Bench(idemd::bench::BenchConfig),
     /// Print one record of a running server as JSON.
     Lookup {
         #[arg(long)]
@@ -50,6 +52,16 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate(database) => {
             let _telemetry = telemetry::init(LogFormat::Text)?;
             server::migrate(&database).await
+        }
+        Command::Bench(config) => {
+            let json = config.json;
+            let report = idemd::bench::run(config).await?;
+            if json {
+                println!("{report}");
+            } else {
+                println!("{}", idemd::bench::render(&report));
+            }
+            Ok(())
         }
         Command::Token { grants } => {
             let (token, line) = idemd::auth::new_token(&grants).map_err(anyhow::Error::msg)?;

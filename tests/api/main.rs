@@ -7,6 +7,7 @@ mod pg_cluster;
 
 mod abort;
 mod begin;
+mod bench;
 mod client;
 mod complete;
 mod fuzz;

@@ -1,0 +1,327 @@
+//! `idemd bench`: a bounded load generator against a running server.
+//! Workers run Begin → Complete pairs (or Begins alone) over several
+//! channels, a share of Begins hitting keys already in flight or completed;
+//! latencies go into HDR histograms per RPC.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::pb::{self, begin_response::Outcome, idempotency_client::IdempotencyClient};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Begin, then Complete when acquired: one pair per logical operation.
+    Pairs,
+    /// Begin only.
+    Begin,
+}
+
+/// Settings of `idemd bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchConfig {
+    /// The server's gRPC address.
+    #[arg(long, env = "IDEMD_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Concurrent workers, each with one call in flight.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// How long to run, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Distinct keys fresh Begins are drawn from (wrapping around).
+    #[arg(long, default_value_t = 1_000_000_000)]
+    pub keys: u64,
+    /// Share of Begins (0–1) that reuse a recent key: in flight or completed.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_ratio: f64,
+    /// Bytes of each stored response.
+    #[arg(long, default_value_t = 600)]
+    pub payload_bytes: usize,
+    /// Namespace of the benchmark's keys.
+    #[arg(long, default_value = "bench")]
+    pub namespace: String,
+    #[arg(long, value_enum, default_value = "pairs")]
+    pub mode: Mode,
+    /// gRPC connections the workers share (default: min(concurrency, 8)).
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Bearer token when the server runs with auth.
+    #[arg(long, env = "IDEMD_TOKEN")]
+    pub token: Option<String>,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(self.keys >= 1, "--keys must be at least 1");
+        anyhow::ensure!((0.0..=1.0).contains(&self.duplicate_ratio), "--duplicate-ratio must lie within [0, 1]");
+        anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        Ok(())
+    }
+}
+
+/// Recent keys duplicates are drawn from.
+const RECENT_KEYS: usize = 1024;
+
+#[derive(Default)]
+struct Tally {
+    pairs: AtomicU64,
+    begins: AtomicU64,
+    errors: AtomicU64,
+    acquired: AtomicU64,
+    completed: AtomicU64,
+    in_progress: AtomicU64,
+    errors_by_code: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn error(&self, status: &tonic::Status) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut by_code = self.errors_by_code.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *by_code.entry(format!("{:?}", status.code())).or_insert(0) += 1;
+    }
+}
+
+struct Shared {
+    config: BenchConfig,
+    run: String,
+    next_key: AtomicU64,
+    recent: Mutex<Vec<String>>,
+    tally: Tally,
+    payload: Vec<u8>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds from 1 µs to 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig")) // ok: constants
+}
+
+impl Shared {
+    fn key(&self, rng: &mut impl Rng) -> String {
+        if self.config.duplicate_ratio > 0.0 && rng.random_bool(self.config.duplicate_ratio) {
+            let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !recent.is_empty() {
+                return recent[rng.random_range(0..recent.len())].clone();
+            }
+        }
+        let n = self.next_key.fetch_add(1, Ordering::Relaxed) % self.config.keys;
+        let key = format!("{}-{n}", self.run);
+        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recent.len() < RECENT_KEYS {
+            recent.push(key.clone());
+        } else {
+            let slot = (n as usize) % RECENT_KEYS;
+            recent[slot] = key.clone();
+        }
+        key
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(Duration::from_secs(10));
+        if let Some(token) = &self.config.token
+            && let Ok(value) = format!("Bearer {token}").parse()
+        {
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+}
+
+async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histogram<u64>, Histogram<u64>) {
+    let mut client = IdempotencyClient::new(channel);
+    let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+    let tally = &shared.tally;
+    while Instant::now() < until {
+        let key = shared.key(&mut rng);
+        let started = Instant::now();
+        let begin = pb::BeginRequest {
+            namespace: shared.config.namespace.clone(),
+            key: key.clone(),
+            fingerprint: b"bench".to_vec(),
+            ..Default::default()
+        };
+        let outcome = client.begin(shared.request(begin)).await;
+        let _ = begin_latency.record(started.elapsed().as_micros() as u64);
+        tally.begins.fetch_add(1, Ordering::Relaxed);
+        let lease = match outcome.map(|r| r.into_inner().outcome) {
+            Ok(Some(Outcome::Acquired(lease))) => {
+                tally.acquired.fetch_add(1, Ordering::Relaxed);
+                lease
+            }
+            Ok(Some(Outcome::Completed(_))) => {
+                tally.completed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Ok(_) => {
+                tally.in_progress.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(status) => {
+                tally.error(&status);
+                continue;
+            }
+        };
+        if shared.config.mode == Mode::Begin {
+            continue;
+        }
+        let started = Instant::now();
+        let complete = pb::CompleteRequest {
+            namespace: shared.config.namespace.clone(),
+            key,
+            lease_token: lease.lease_token,
+            response: shared.payload.clone(),
+            response_code: 201,
+            content_type: "application/octet-stream".into(),
+        };
+        match client.complete(shared.request(complete)).await {
+            Ok(_) => {
+                let _ = complete_latency.record(started.elapsed().as_micros() as u64);
+                tally.pairs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => tally.error(&status),
+        }
+    }
+    (begin_latency, complete_latency)
+}
+
+fn percentiles(histogram: &Histogram<u64>) -> Value {
+    let ms = |q: f64| (histogram.value_at_quantile(q) as f64 / 1000.0 * 1000.0).round() / 1000.0;
+    json!({ "count": histogram.len(), "p50": ms(0.50), "p90": ms(0.90), "p99": ms(0.99), "p999": ms(0.999) })
+}
+
+/// Runs the benchmark and returns its report as JSON.
+pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
+    config.validate()?;
+    let channel_count = config.channels.unwrap_or(config.concurrency.min(8)).max(1);
+    let mut channels = Vec::with_capacity(channel_count);
+    for _ in 0..channel_count {
+        let channel = Channel::from_shared(config.addr.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {} (--addr): {e}", config.addr))?;
+        channels.push(channel);
+    }
+    let shared = Arc::new(Shared {
+        run: format!("{:016x}", rand::rng().random::<u64>()),
+        next_key: AtomicU64::new(0),
+        recent: Mutex::new(Vec::with_capacity(RECENT_KEYS)),
+        tally: Tally::default(),
+        payload: vec![b'x'; config.payload_bytes],
+        config: config.clone(),
+    });
+    let started = Instant::now();
+    let until = started + config.duration;
+    let workers: Vec<_> = (0..config.concurrency)
+        .map(|i| tokio::spawn(worker(Arc::clone(&shared), channels[i % channel_count].clone(), until)))
+        .collect();
+
+    let progress = if config.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new_spinner() };
+    let ticker = {
+        let (shared, progress) = (Arc::clone(&shared), progress.clone());
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let counted = match shared.config.mode {
+                    Mode::Pairs => shared.tally.pairs.load(Ordering::Relaxed),
+                    Mode::Begin => shared.tally.begins.load(Ordering::Relaxed),
+                };
+                let rate = (counted - last.1) as f64 / last.0.elapsed().as_secs_f64();
+                last = (Instant::now(), counted);
+                progress.set_message(format!(
+                    "{:.0}/{:.0} s · {rate:.0} {}/s · {} errors",
+                    started.elapsed().as_secs_f64().min(shared.config.duration.as_secs_f64()),
+                    shared.config.duration.as_secs_f64(),
+                    if shared.config.mode == Mode::Pairs { "pairs" } else { "begins" },
+                    shared.tally.errors.load(Ordering::Relaxed)
+                ));
+                progress.tick();
+            }
+        })
+    };
+
+    let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
+    for worker in workers {
+        let (begin, complete) = worker.await?;
+        begin_latency.add(&begin).map_err(|e| anyhow::anyhow!("{e}"))?;
+        complete_latency.add(&complete).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    ticker.abort();
+    progress.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let tally = &shared.tally;
+    let errors_by_code = tally.errors_by_code.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    Ok(json!({
+        "mode": format!("{:?}", config.mode).to_lowercase(),
+        "concurrency": config.concurrency,
+        "duration_s": elapsed,
+        "duplicate_ratio": config.duplicate_ratio,
+        "payload_bytes": config.payload_bytes,
+        "pairs": tally.pairs.load(Ordering::Relaxed),
+        "pairs_per_second": tally.pairs.load(Ordering::Relaxed) as f64 / elapsed,
+        "begins_per_second": tally.begins.load(Ordering::Relaxed) as f64 / elapsed,
+        "outcomes": {
+            "acquired": tally.acquired.load(Ordering::Relaxed),
+            "completed": tally.completed.load(Ordering::Relaxed),
+            "in_progress": tally.in_progress.load(Ordering::Relaxed),
+        },
+        "errors": tally.errors.load(Ordering::Relaxed),
+        "errors_by_code": errors_by_code,
+        "latency_ms": { "begin": percentiles(&begin_latency), "complete": percentiles(&complete_latency) },
+    }))
+}
+
+/// The human-readable report.
+pub fn render(report: &Value) -> String {
+    let latency = |rpc: &str| {
+        let l = &report["latency_ms"][rpc];
+        format!(
+            "{rpc:<9} p50 {:>7.3} ms  p90 {:>7.3} ms  p99 {:>7.3} ms  p99.9 {:>7.3} ms  ({} calls)",
+            l["p50"].as_f64().unwrap_or(0.0),
+            l["p90"].as_f64().unwrap_or(0.0),
+            l["p99"].as_f64().unwrap_or(0.0),
+            l["p999"].as_f64().unwrap_or(0.0),
+            l["count"]
+        )
+    };
+    let errors = match report["errors_by_code"].as_object() {
+        Some(map) if !map.is_empty() => {
+            map.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", ")
+        }
+        _ => "none".to_string(),
+    };
+    format!(
+        "{} mode, {} workers, {:.1} s, duplicate ratio {}, {}-byte responses\n\
+         pairs/s   {:.1}\nbegins/s  {:.1}\n{}\n{}\noutcomes  acquired {}, completed (replayed) {}, in_progress {}\nerrors    {}",
+        report["mode"].as_str().unwrap_or(""),
+        report["concurrency"],
+        report["duration_s"].as_f64().unwrap_or(0.0),
+        report["duplicate_ratio"],
+        report["payload_bytes"],
+        report["pairs_per_second"].as_f64().unwrap_or(0.0),
+        report["begins_per_second"].as_f64().unwrap_or(0.0),
+        latency("begin"),
+        latency("complete"),
+        report["outcomes"]["acquired"],
+        report["outcomes"]["completed"],
+        report["outcomes"]["in_progress"],
+        errors
+    )
+}

@@ -1,0 +1,51 @@
+//! `idemd bench` smoke test: a few seconds against a local server.
+
+use std::time::Duration;
+
+use idemd::bench::{BenchConfig, Mode};
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_throughput_and_no_errors() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let config = BenchConfig {
+        addr: format!("http://{}", app.addr),
+        concurrency: 4,
+        duration: Duration::from_secs(2),
+        keys: 1_000_000,
+        duplicate_ratio: 0.3,
+        payload_bytes: 600,
+        namespace: "bench".into(),
+        mode: Mode::Pairs,
+        channels: None,
+        token: None,
+        json: true,
+    };
+    let report = idemd::bench::run(config).await.expect("bench runs");
+    assert!(report["pairs_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["outcomes"]["completed"].as_u64().is_some_and(|n| n > 0), "duplicates replay: {report}");
+    for rpc in ["begin", "complete"] {
+        for q in ["p50", "p90", "p99", "p999"] {
+            assert!(report["latency_ms"][rpc][q].as_f64().is_some_and(|ms| ms > 0.0), "{rpc} {q}: {report}");
+        }
+    }
+    assert!(idemd::bench::render(&report).contains("pairs/s"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_command_prints_one_json_object() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_idemd"))
+        .args(["bench", "--addr", &format!("http://{}", app.addr), "--duration", "1s", "--concurrency", "2"])
+        .args(["--mode", "begin", "--json"])
+        .output()
+        .await
+        .expect("idemd bench");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert!(report["begins_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+    assert_eq!(report["errors"], 0);
+    assert!(report["pairs_per_second"].is_number());
+}
