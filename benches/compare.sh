@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# idemd against raw Postgres on this machine (run by hand, not in CI).
+#
+# Starts a throwaway PostgreSQL (default durability: fsync and
+# synchronous_commit on) and idemd (release build) on it, then alternates
+# pgbench running idemd's own Begin and Complete statements (one transaction
+# each, prepared, same table) with `idemd bench` at the same concurrency, and
+# prints the medians and their ratio. A last row runs idemd on SQLite.
+#
+#   benches/compare.sh                 # 20 s per run, 3 rounds, c = 1 16 64 256
+#   SECONDS_PER_RUN=10 ROUNDS=2 LEVELS="1 16 64" benches/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=${SECONDS_PER_RUN:-20}
+rounds=${ROUNDS:-3}
+levels=${LEVELS:-"1 16 64 256"}
+
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
+
+log "building idemd (release)"
+cargo build --release --locked --quiet --bin idemd
+idemd=target/release/idemd
+
+port=$(free_port)
+as_pg "$bindir/initdb" -D "$root/data" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1
+as_pg "$bindir/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 60 \
+  -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
+as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
+url="postgres://postgres@127.0.0.1:$port/idemd"
+
+grpc_port=$(free_port)
+"$idemd" serve --listen "127.0.0.1:$grpc_port" --metrics-listen 127.0.0.1:0 --database-url "$url" \
+  --db-max-connections 64 2>"$root/idemd.log" &
+server=$!
+for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd.log" && break; sleep 0.1; done
+
+# The same statements idemd runs for Begin (create) and Complete, per pair.
+cat >"$root/pair.sql" <<'SQL'
+\set n random(1, 2000000000)
+INSERT INTO idemd_records AS r
+    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+VALUES ('pgbench', :client_id || '-' || :n, 1, 1, '\x6265'::bytea, 'idk_' || md5(:n::text), 'lt_' || md5(:client_id || '-' || :n), NULL,
+        86400000000, now(), now(), now() + 60000000::bigint * interval '1 microsecond',
+        now() + greatest(60000000::bigint, 86400000000::bigint) * interval '1 microsecond')
+ON CONFLICT (namespace, key) DO UPDATE SET
+    attempt = CASE WHEN r.expires_at <= now() THEN 1 ELSE r.attempt + 1 END,
+    state = 1, lease_token = EXCLUDED.lease_token, updated_at = now(), lease_expires_at = EXCLUDED.lease_expires_at
+WHERE r.expires_at <= now()
+   OR (r.fingerprint = EXCLUDED.fingerprint AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
+RETURNING attempt, lease_expires_at, downstream_key;
+WITH done AS (
+    UPDATE idemd_records
+    SET state = 2, response = convert_to(repeat('x', 600), 'UTF8'), response_code = 201, content_type = 'application/octet-stream',
+        completed_at = now(), updated_at = now(), expires_at = now() + retention_us * interval '1 microsecond'
+    WHERE namespace = 'pgbench' AND key = :client_id || '-' || :n AND state = 1 AND lease_token = 'lt_' || md5(:client_id || '-' || :n)
+      AND lease_expires_at > now() AND expires_at > now()
+    RETURNING namespace, key, completed_at, expires_at
+)
+SELECT completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text FROM done;
+SQL
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+pgbench_run() {
+  "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$1" -j 2 -T "$seconds" -f "$root/pair.sql" idemd 2>/dev/null \
+    | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+idemd_run() {
+  "$idemd" bench --addr "http://127.0.0.1:$2" --concurrency "$1" --duration "${seconds}s" --json \
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["begin"]["p99"] + r["latency_ms"]["complete"]["p99"], r["errors"])'
+}
+
+printf '\n%-12s %16s %16s %8s %18s\n' concurrency "pgbench pairs/s" "idemd pairs/s" ratio "idemd p99 pair ms"
+for c in $levels; do
+  pg=(); id=(); p99=()
+  for round in $(seq 1 "$rounds"); do
+    log "c=$c round $round/$rounds"
+    pg+=("$(pgbench_run "$c")")
+    read -r rate tail errors <<<"$(idemd_run "$c" "$grpc_port")"
+    [ "$errors" = 0 ] || log "idemd bench reported $errors errors"
+    id+=("$rate"); p99+=("$tail")
+  done
+  pg_m=$(printf '%s\n' "${pg[@]}" | median)
+  id_m=$(printf '%s\n' "${id[@]}" | median)
+  p99_m=$(printf '%s\n' "${p99[@]}" | median)
+  printf '%-12s %16.0f %16.0f %8.2f %18.2f\n' "$c" "$pg_m" "$id_m" "$(python3 -c "print($id_m / $pg_m)")" "$p99_m"
+done
+kill -TERM "$server"; wait "$server" || true
+
+sqlite_port=$(free_port)
+"$idemd" serve --listen "127.0.0.1:$sqlite_port" --metrics-listen 127.0.0.1:0 --database-url "sqlite://$root/bench.db" \
+  2>"$root/idemd-sqlite.log" &
+server=$!
+for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd-sqlite.log" && break; sleep 0.1; done
+read -r rate tail errors <<<"$(idemd_run 16 "$sqlite_port")"
+printf '%-12s %16s %16.0f %8s %18.2f\n' "16 (SQLite)" "-" "$rate" "-" "$tail"
+kill -TERM "$server"; wait "$server" || true
