@@ -47,6 +47,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(config.db_max_connections)
             .acquire_timeout(config.store_timeout)
+            // No ping before every statement: it doubled the round trips of
+            // the hot path. A connection that died is found by its statement
+            // failing (the caller gets UNAVAILABLE and retries) and dropped.
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         let listen_pool =
             PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout).connect_lazy_with(options);
