@@ -9,6 +9,7 @@
 #
 #   benches/compare.sh                 # 20 s per run, 3 rounds, c = 1 16 64 256
 #   SECONDS_PER_RUN=10 ROUNDS=2 LEVELS="1 16 64" benches/compare.sh
+#   IDEMD_FLAGS="--group-commit-max-batch 32" benches/compare.sh   # group commit on
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +32,9 @@ as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
 url="postgres://postgres@127.0.0.1:$port/idemd"
 
 grpc_port=$(free_port)
+# shellcheck disable=SC2086 # IDEMD_FLAGS is a list of flags
 "$idemd" serve --listen "127.0.0.1:$grpc_port" --metrics-listen 127.0.0.1:0 --database-url "$url" \
-  --db-max-connections 64 2>"$root/idemd.log" &
+  --db-max-connections 64 ${IDEMD_FLAGS:-} 2>"$root/idemd.log" &
 server=$!
 for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd.log" && break; sleep 0.1; done
 

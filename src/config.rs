@@ -113,6 +113,16 @@ pub struct DatabaseConfig {
     /// statement_timeout for idemd's sessions.
     #[arg(long, env = "IDEMD_STORE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub store_timeout: Duration,
+
+    /// Postgres group commit: up to this many concurrent Begins run as one
+    /// statement (1 = off, every Begin its own statement).
+    #[arg(long, env = "IDEMD_GROUP_COMMIT_MAX_BATCH", default_value_t = 1)]
+    pub group_commit_max_batch: usize,
+
+    /// How long a batch waits for more Begins once it has one (0: only
+    /// what is already queued, so a lone Begin never waits).
+    #[arg(long, env = "IDEMD_GROUP_COMMIT_WINDOW", default_value = "0ms", value_parser = duration)]
+    pub group_commit_window: Duration,
 }
 
 /// Settings of `idemd serve`.
@@ -240,6 +250,12 @@ impl ServeConfig {
         let d = &self.database;
         if d.store_timeout < Duration::from_millis(100) || d.store_timeout > Duration::from_secs(600) {
             return Err(bad("--store-timeout", "IDEMD_STORE_TIMEOUT", "must be between 100ms and 10m"));
+        }
+        if d.group_commit_max_batch == 0 || d.group_commit_max_batch > 1000 {
+            return Err(bad("--group-commit-max-batch", "IDEMD_GROUP_COMMIT_MAX_BATCH", "must be between 1 and 1000"));
+        }
+        if d.group_commit_window > Duration::from_millis(100) {
+            return Err(bad("--group-commit-window", "IDEMD_GROUP_COMMIT_WINDOW", "must be at most 100ms"));
         }
         if d.db_max_connections == 0 {
             return Err(bad("--db-max-connections", "IDEMD_DB_MAX_CONNECTIONS", "must be at least 1"));

@@ -6,6 +6,7 @@
 //! default; this process's clock). The service above never decides a
 //! transition: it validates, calls one method and encodes the result.
 
+pub mod group_commit;
 pub mod postgres;
 pub mod sqlite;
 

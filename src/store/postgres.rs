@@ -12,6 +12,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::group_commit::BeginBatcher;
 use super::{Store, TokenCheck, begin_rounds};
 use crate::config::DatabaseConfig;
 use crate::domain::{
@@ -29,6 +30,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// Group commit of Begins, when `--group-commit-max-batch` > 1.
+    batcher: Option<Arc<BeginBatcher>>,
     /// One long-lived connection for LISTEN, outside the request pool so
     /// it never takes a slot from calls.
     listen_pool: PgPool,
@@ -54,7 +57,15 @@ impl PgStore {
             .connect_lazy_with(options.clone());
         let listen_pool =
             PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout).connect_lazy_with(options);
-        Ok(PgStore { pool, listen_pool })
+        let store = PgStore { pool, listen_pool, batcher: None };
+        if config.group_commit_max_batch <= 1 {
+            return Ok(store);
+        }
+        // Workers run on a store without a batcher: their one-key fallbacks go straight to SQL.
+        let workers = (config.db_max_connections as usize / 2).clamp(1, 8);
+        let batcher =
+            BeginBatcher::start(store.clone(), workers, config.group_commit_max_batch, config.group_commit_window);
+        Ok(PgStore { batcher: Some(batcher), ..store })
     }
 
     /// Applies pending migrations; concurrent replicas serialise on sqlx's
@@ -105,13 +116,10 @@ async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &Cancell
     }
 }
 
-const BEGIN_ACQUIRE: &str = r#"
-INSERT INTO idemd_records AS r
-    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
-     retention_us, created_at, updated_at, lease_expires_at, expires_at)
-VALUES ($1, $2, 1, 1, $3, $6, $7, $8, $5, now(), now(),
-        now() + $4::bigint * interval '1 microsecond',
-        now() + greatest($4::bigint, $5::bigint) * interval '1 microsecond')
+/// Begin's conflict rule, shared by the one-key and the batched statement.
+macro_rules! begin_on_conflict {
+    () => {
+        r#"
 ON CONFLICT (namespace, key) DO UPDATE SET
     attempt          = CASE WHEN r.expires_at <= now() THEN 1 ELSE r.attempt + 1 END,
     downstream_key   = CASE WHEN r.expires_at <= now() THEN EXCLUDED.downstream_key ELSE r.downstream_key END,
@@ -130,7 +138,48 @@ ON CONFLICT (namespace, key) DO UPDATE SET
 WHERE r.expires_at <= now()
    OR (r.fingerprint = EXCLUDED.fingerprint
        AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
-RETURNING attempt, lease_expires_at, downstream_key
+RETURNING namespace, key, attempt, lease_expires_at, downstream_key
+"#
+    };
+}
+
+const BEGIN_ACQUIRE: &str = concat!(
+    r#"
+INSERT INTO idemd_records AS r
+    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+VALUES ($1, $2, 1, 1, $3, $6, $7, $8, $5, now(), now(),
+        now() + $4::bigint * interval '1 microsecond',
+        now() + greatest($4::bigint, $5::bigint) * interval '1 microsecond')
+"#,
+    begin_on_conflict!()
+);
+
+/// Group commit: many keys (distinct, sorted so concurrent batches lock rows
+/// in one order) in one statement, one transaction.
+pub(super) const BEGIN_ACQUIRE_BATCH: &str = concat!(
+    r#"
+INSERT INTO idemd_records AS r
+    (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+SELECT b.namespace, b.key, 1, 1, b.fingerprint, b.downstream_key, b.lease_token, b.attempt_nonce,
+       b.retention_us, now(), now(),
+       now() + b.lease_us * interval '1 microsecond',
+       now() + greatest(b.lease_us, b.retention_us) * interval '1 microsecond'
+FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[])
+     AS b(namespace, key, fingerprint, lease_us, retention_us, downstream_key, lease_token, attempt_nonce)
+ORDER BY b.namespace, b.key
+"#,
+    begin_on_conflict!()
+);
+
+/// What holds the keys of a batch that did not acquire.
+pub(super) const BEGIN_READ_BATCH: &str = r#"
+SELECT r.namespace, r.key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
+       lease_expires_at, response, response_code, content_type, completed_at, expires_at, now() AS now
+FROM idemd_records r
+JOIN unnest($1::text[], $2::text[]) AS k(namespace, key) ON r.namespace = k.namespace AND r.key = k.key
+WHERE r.expires_at > now()
 "#;
 
 const BEGIN_READ: &str = r#"
@@ -223,7 +272,7 @@ USING due
 WHERE r.namespace = due.namespace AND r.key = due.key AND r.expires_at <= now()
 "#;
 
-fn attempt_of(row: &PgRow) -> Result<u32> {
+pub(super) fn attempt_of(row: &PgRow) -> Result<u32> {
     let attempt: i32 = row.try_get("attempt")?;
     u32::try_from(attempt).map_err(|_| Error::Internal(format!("negative attempt {attempt}")))
 }
@@ -247,18 +296,13 @@ fn token_check(row: &PgRow) -> Result<TokenCheck> {
 }
 
 impl PgStore {
-    async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
-        let row = sqlx::query(TOKEN_CHECK)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(token_check).transpose()
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
     }
-}
 
-impl Store for PgStore {
-    async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
+    /// Begin for one key: the atomic acquisition, then (if it did not
+    /// acquire) a read of what holds the key.
+    pub(super) async fn begin_single(&self, request: &BeginRequest) -> Result<BeginOutcome> {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
@@ -292,6 +336,24 @@ impl Store for PgStore {
             row.map(|row| current_record(&row)).transpose()
         };
         begin_rounds(request, acquire, read).await
+    }
+
+    async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
+        let row = sqlx::query(TOKEN_CHECK)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_check).transpose()
+    }
+}
+
+impl Store for PgStore {
+    async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
+        match &self.batcher {
+            Some(batcher) => batcher.submit(request.clone()).await,
+            None => self.begin_single(request).await,
+        }
     }
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
@@ -411,7 +473,7 @@ impl Store for PgStore {
     }
 }
 
-fn current_record(row: &PgRow) -> Result<CurrentRecord> {
+pub(super) fn current_record(row: &PgRow) -> Result<CurrentRecord> {
     let state = state_of(row)?;
     let attempt = attempt_of(row)?;
     let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {

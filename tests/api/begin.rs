@@ -293,7 +293,50 @@ async fn completion_keeps_the_requested_retention(backend: Backend) {
     assert_eq!(to_chrono(done.expires_at) - to_chrono(done.completed_at), chrono::Duration::hours(72));
 }
 
+async fn mixed_concurrent_begins_keep_every_rule(backend: Backend) {
+    // With group commit these land in shared batches: distinct keys, repeats
+    // of a key, a completed key, and one mismatch among them.
+    let app = spawn_app(backend).await;
+    let done = app.acquire(begin_req("done")).await;
+    app.complete("done", &done.lease_token, b"stored").await.expect("complete");
+    let mut calls = Vec::new();
+    for i in 0..48 {
+        let mut request = begin_req(&format!("mixed-{}", i % 16));
+        if i == 47 {
+            request.key = "done".into();
+            request.fingerprint = b"other".to_vec();
+        } else if i % 12 == 5 {
+            request.key = "done".into();
+        }
+        let mut client = app.client.clone();
+        calls.push(tokio::spawn(async move { (request.key.clone(), client.begin(request).await) }));
+    }
+    let mut acquired: std::collections::HashMap<String, u32> = Default::default();
+    for call in calls {
+        let (key, answer) = call.await.expect("task");
+        match answer.map(|r| r.into_inner().outcome) {
+            Ok(Some(Outcome::Acquired(lease))) => *acquired.entry(key).or_default() += lease.attempt,
+            Ok(Some(Outcome::InProgress(_))) => assert_ne!(key, "done"),
+            Ok(Some(Outcome::Completed(replay))) => {
+                assert_eq!(key, "done");
+                assert_eq!(replay.response, b"stored");
+            }
+            Err(status) => {
+                assert_eq!(key, "done");
+                assert_error(&status, Code::FailedPrecondition, "FINGERPRINT_MISMATCH");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(acquired.len(), 16, "every distinct key acquired");
+    assert!(acquired.values().all(|&attempts| attempts == 1), "exactly once, attempt 1: {acquired:?}");
+    for i in 0..16 {
+        assert_eq!(app.row_count(NS, &format!("mixed-{i}")).await, 1);
+    }
+}
+
 crate::both_stores!(
+    mixed_concurrent_begins_keep_every_rule,
     acquires_absent_key_as_attempt_1,
     fingerprint_mismatch_is_rejected_and_leaves_the_record,
     empty_fingerprint_matches_empty,

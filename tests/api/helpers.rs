@@ -35,6 +35,8 @@ pub fn test_channel(addr: SocketAddr, tls: Option<&ClientTlsConfig>) -> Channel 
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// Postgres with group commit of Begins on.
+    PostgresBatched,
 }
 
 /// The cluster `scripts/test` started; tests need it and say so loudly.
@@ -90,9 +92,12 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
             let dir = tempfile::tempdir().expect("temp dir");
             (format!("sqlite://{}", dir.path().join("idemd.db").display()), Some(dir))
         }
-        Backend::Postgres => (fresh_postgres_database(&admin_url()).await, None),
+        Backend::Postgres | Backend::PostgresBatched => (fresh_postgres_database(&admin_url()).await, None),
     };
     let mut config = test_config(&database_url);
+    if backend == Backend::PostgresBatched {
+        config.database.group_commit_max_batch = 32;
+    }
     tweak(&mut config);
     let mut app = spawn_on(config).await;
     app.backend = backend;
@@ -180,7 +185,7 @@ impl TestApp {
     pub async fn row_count(&self, namespace: &str, key: &str) -> i64 {
         let sql = "SELECT COUNT(*) FROM idemd_records WHERE namespace = $1 AND key = $2";
         match self.backend {
-            Backend::Postgres => {
+            Backend::Postgres | Backend::PostgresBatched => {
                 let mut c = sqlx::PgConnection::connect(&self.database_url).await.expect("connect");
                 sqlx::query_scalar(sql).bind(namespace).bind(key).fetch_one(&mut c).await.expect("count")
             }
@@ -319,6 +324,14 @@ macro_rules! both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::Postgres).await
+                }
+            )*
+        }
+        mod postgres_batched {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::PostgresBatched).await
                 }
             )*
         }

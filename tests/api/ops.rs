@@ -72,6 +72,8 @@ async fn migrate_is_idempotent(backend: Backend) {
         database_url: idemd::config::DatabaseUrl::new(app.database_url.clone()),
         db_max_connections: 2,
         store_timeout: Duration::from_secs(5),
+        group_commit_max_batch: 1,
+        group_commit_window: Duration::ZERO,
     };
     idemd::server::migrate(&database).await.expect("migrations already applied: no-op");
     app.acquire(begin_req("still-works")).await;

@@ -54,6 +54,8 @@ impl Replicas {
             .args(["--database-url", &self.database_url])
             .args(["--db-max-connections", "6", "--store-timeout", "1s"])
             .args(["--reaper-interval", "200ms", "--shutdown-grace", "2s"])
+            // Replica 1 batches its Begins (group commit), the others do not.
+            .args(["--group-commit-max-batch", if replica == 1 { "32" } else { "1" }])
             .env("RUST_LOG", "info")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::null())
