@@ -113,7 +113,7 @@ impl<S: Store> IdempotencyService<S> {
         deadline: Option<Instant>,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let span = tracing::info_span!("store", otel.name = format!("store.{operation}"), db.operation = operation);
+        let span = tracing::info_span!("store", otel.name = store_span_name(operation), db.operation = operation);
         let store_limit = Instant::now() + self.limits.store_timeout;
         let result = async {
             match deadline {
@@ -168,6 +168,18 @@ impl<S: Store> IdempotencyService<S> {
                 _ = self.stop_waiting.cancelled() => {}
             }
         }
+    }
+}
+
+/// `store.<operation>`, without an allocation per call.
+fn store_span_name(operation: &'static str) -> &'static str {
+    match operation {
+        "begin" => "store.begin",
+        "complete" => "store.complete",
+        "abort" => "store.abort",
+        "heartbeat" => "store.heartbeat",
+        "lookup" => "store.lookup",
+        _ => "store",
     }
 }
 
