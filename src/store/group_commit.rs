@@ -1,64 +1,86 @@
-//! Group commit for Begin on Postgres: concurrent Begins are gathered while
-//! the previous batch is in the database and executed as one statement
-//! (`unnest` arrays) in one transaction; each caller gets its own answer.
+//! Group commit on Postgres: concurrent Begins (and, separately, Completes)
+//! are gathered while the previous batch is in the database and executed as
+//! one statement (`unnest` arrays) in one transaction; each caller gets its
+//! own answer.
 //!
-//! A lone Begin runs the one-key statement at once (nothing waits for a
-//! window unless `--group-commit-window` asks for one). Duplicate keys in a
-//! batch are left to the one-key path after it, so a statement never touches
-//! a row twice; keys are sorted so concurrent batches lock rows in one order.
-//! Every rule of Begin's table is the same SQL as the one-key statement's;
-//! a key the batch did not acquire is read back and judged by the same
-//! verdict, and anything that changed in between takes the one-key path.
+//! A lone call runs the one-key statement at once (nothing waits for a
+//! window unless `--group-commit-window` asks for one). Repeats of a key in a
+//! batch take the one-key path after it, so a statement never touches a row
+//! twice; rows are locked in key order so concurrent batches cannot deadlock
+//! one another. Every rule is the same SQL as the one-key statement's; a key
+//! the batch did not settle is judged by the same verdict or goes through
+//! the one-key path, and a batch that fails falls back to one-key calls.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::postgres::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, PgStore, attempt_of, current_record};
-use crate::domain::{BeginOutcome, BeginRequest, Lease, Verdict, micros, new_downstream_key, new_lease_token};
+use super::postgres::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, PgStore, attempt_of, current_record};
+use crate::domain::{
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, Timestamp, Verdict, micros, new_downstream_key,
+    new_lease_token,
+};
 use crate::error::{Error, Result};
 
-type Reply = oneshot::Sender<Result<BeginOutcome>>;
+type Reply<A> = oneshot::Sender<Result<A>>;
+type Item<Q, A> = (Q, Reply<A>);
 
-/// Hands Begins to the batch workers.
+/// Hands calls of one kind to its batch workers.
 #[derive(Debug)]
-pub struct BeginBatcher {
-    queue: mpsc::Sender<(BeginRequest, Reply)>,
+pub struct Batcher<Q, A> {
+    queue: mpsc::Sender<Item<Q, A>>,
 }
 
-impl BeginBatcher {
-    /// Starts `workers` batch workers over `store` (a store without a batcher).
-    pub fn start(store: PgStore, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
+impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
+    fn start<F, Fut>(workers: usize, max_batch: usize, window: Duration, run: F) -> Self
+    where
+        F: Fn(Vec<Item<Q, A>>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
         let (queue, receiver) = mpsc::channel(max_batch.max(1) * workers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..workers.max(1) {
-            let (store, receiver) = (store.clone(), Arc::clone(&receiver));
+            let (run, receiver) = (run.clone(), Arc::clone(&receiver));
             tokio::spawn(async move {
                 while let Some(batch) = gather(&receiver, max_batch, window).await {
-                    run_batch(&store, batch).await;
+                    run(batch).await;
                 }
             });
         }
-        Arc::new(BeginBatcher { queue })
+        Batcher { queue }
     }
 
-    pub async fn submit(&self, request: BeginRequest) -> Result<BeginOutcome> {
+    pub async fn submit(&self, request: Q) -> Result<A> {
         let (reply, answer) = oneshot::channel();
         self.queue.send((request, reply)).await.map_err(|_| Error::Internal("group commit stopped".into()))?;
-        answer.await.map_err(|_| Error::Internal("group commit dropped a request".into()))?
+        answer.await.map_err(|_| Error::Internal("group commit dropped a call".into()))?
     }
 }
 
-/// Waits for one Begin, then takes what else is already queued (or arrives
+/// The Begin and Complete batchers of one store.
+#[derive(Debug)]
+pub struct GroupCommit {
+    pub begin: Batcher<BeginRequest, BeginOutcome>,
+    pub complete: Batcher<CompleteRequest, Completion>,
+}
+
+impl GroupCommit {
+    /// Starts the workers over `store`, a store without batchers.
+    pub fn start(store: PgStore, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
+        let begin_store = store.clone();
+        let begin = Batcher::start(workers, max_batch, window, move |batch| run_begins(begin_store.clone(), batch));
+        let complete = Batcher::start(workers, max_batch, window, move |batch| run_completes(store.clone(), batch));
+        Arc::new(GroupCommit { begin, complete })
+    }
+}
+
+/// Waits for one call, then takes what else is already queued (or arrives
 /// within `window`), up to `max_batch`.
-async fn gather(
-    receiver: &Mutex<mpsc::Receiver<(BeginRequest, Reply)>>,
-    max_batch: usize,
-    window: Duration,
-) -> Option<Vec<(BeginRequest, Reply)>> {
+async fn gather<T>(receiver: &Mutex<mpsc::Receiver<T>>, max_batch: usize, window: Duration) -> Option<Vec<T>> {
     let mut receiver = receiver.lock().await;
     let first = receiver.recv().await?;
     let mut batch = vec![first];
@@ -76,27 +98,48 @@ async fn gather(
     Some(batch)
 }
 
-async fn run_batch(store: &PgStore, batch: Vec<(BeginRequest, Reply)>) {
+/// Splits a batch into one entry per key and the repeats.
+fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> (Vec<Item<Q, A>>, Vec<Item<Q, A>>) {
+    let mut seen = HashSet::new();
+    let (mut entries, mut repeats) = (Vec::new(), Vec::new());
+    for item in batch {
+        if seen.insert(topic(&item.0)) {
+            entries.push(item);
+        } else {
+            repeats.push(item);
+        }
+    }
+    (entries, repeats)
+}
+
+fn begin_alone(store: &PgStore, (request, reply): Item<BeginRequest, BeginOutcome>) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let _ = reply.send(store.begin_single(&request).await);
+    });
+}
+
+fn complete_alone(store: &PgStore, (request, reply): Item<CompleteRequest, Completion>) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let _ = reply.send(store.complete_single(&request).await);
+    });
+}
+
+async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>) {
     if batch.len() == 1 {
         for (request, reply) in batch {
             let _ = reply.send(store.begin_single(&request).await);
         }
         return;
     }
-    // One entry per key in the statement; repeats take the one-key path after it.
-    let mut seen = HashSet::new();
-    let (mut entries, mut repeats) = (Vec::new(), Vec::new());
-    for (request, reply) in batch {
-        if seen.insert(request.id.wake_topic()) {
-            entries.push((request, reply, new_lease_token(), new_downstream_key()));
-        } else {
-            repeats.push((request, reply));
-        }
-    }
-    match acquire_batch(store, &entries).await {
+    tracing::debug!(size = batch.len(), "group commit of Begins");
+    let (entries, repeats) = distinct(batch, |r| r.id.wake_topic());
+    let tokens: Vec<(String, String)> = entries.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
+    match acquire_batch(&store, &entries, &tokens).await {
         Ok(mut acquired) => {
             let mut pending = Vec::new();
-            for (request, reply, token, _) in entries {
+            for ((request, reply), (token, _)) in entries.into_iter().zip(tokens) {
                 match acquired.remove(&request.id.wake_topic()) {
                     Some((attempt, lease_expires_at, downstream_key)) => {
                         let lease = Lease { lease_token: token, attempt, lease_expires_at, downstream_key };
@@ -105,38 +148,30 @@ async fn run_batch(store: &PgStore, batch: Vec<(BeginRequest, Reply)>) {
                     None => pending.push((request, reply)),
                 }
             }
-            judge_batch(store, pending).await;
+            judge_begins(&store, pending).await;
         }
         Err(error) => {
-            tracing::warn!(%error, "group commit batch failed; its Begins answer UNAVAILABLE");
-            for (_, reply, _, _) in entries {
-                let _ =
-                    reply.send(Err(Error::StoreUnavailable(sqlx::Error::Protocol(format!("batch failed: {error}")))));
-            }
+            tracing::warn!(%error, "group commit of Begins failed; each runs alone");
+            entries.into_iter().for_each(|item| begin_alone(&store, item));
         }
     }
-    for (request, reply) in repeats {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let _ = reply.send(store.begin_single(&request).await);
-        });
-    }
+    repeats.into_iter().for_each(|item| begin_alone(&store, item));
 }
 
-type Acquired = HashMap<String, (u32, crate::domain::Timestamp, String)>;
-
-async fn acquire_batch(store: &PgStore, entries: &[(BeginRequest, Reply, String, String)]) -> Result<Acquired> {
-    let column = |f: &dyn Fn(&BeginRequest, &str, &str) -> String| -> Vec<String> {
-        entries.iter().map(|(r, _, token, key)| f(r, token, key)).collect()
-    };
-    let namespaces = column(&|r, _, _| r.id.namespace.as_str().to_string());
-    let keys = column(&|r, _, _| r.id.key.as_str().to_string());
-    let tokens = column(&|_, t, _| t.to_string());
-    let downstream = column(&|_, _, d| d.to_string());
-    let fingerprints: Vec<Vec<u8>> = entries.iter().map(|(r, ..)| r.fingerprint.clone()).collect();
-    let leases: Vec<i64> = entries.iter().map(|(r, ..)| micros(r.lease_ttl)).collect();
-    let retentions: Vec<i64> = entries.iter().map(|(r, ..)| micros(r.retention)).collect();
-    let nonces: Vec<Option<String>> = entries.iter().map(|(r, ..)| r.attempt_nonce.clone()).collect();
+async fn acquire_batch(
+    store: &PgStore,
+    entries: &[Item<BeginRequest, BeginOutcome>],
+    tokens: &[(String, String)],
+) -> Result<HashMap<String, (u32, Timestamp, String)>> {
+    let requests = || entries.iter().map(|(r, _)| r);
+    let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
+    let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = requests().map(|r| r.fingerprint.as_slice()).collect();
+    let leases: Vec<i64> = requests().map(|r| micros(r.lease_ttl)).collect();
+    let retentions: Vec<i64> = requests().map(|r| micros(r.retention)).collect();
+    let nonces: Vec<Option<&str>> = requests().map(|r| r.attempt_nonce.as_deref()).collect();
+    let lease_tokens: Vec<&str> = tokens.iter().map(|(t, _)| t.as_str()).collect();
+    let downstream: Vec<&str> = tokens.iter().map(|(_, d)| d.as_str()).collect();
     let rows = sqlx::query(BEGIN_ACQUIRE_BATCH)
         .bind(&namespaces)
         .bind(&keys)
@@ -144,7 +179,7 @@ async fn acquire_batch(store: &PgStore, entries: &[(BeginRequest, Reply, String,
         .bind(&leases)
         .bind(&retentions)
         .bind(&downstream)
-        .bind(&tokens)
+        .bind(&lease_tokens)
         .bind(&nonces)
         .fetch_all(store.pool())
         .await?;
@@ -162,7 +197,7 @@ async fn acquire_batch(store: &PgStore, entries: &[(BeginRequest, Reply, String,
 
 /// Reads the keys that were not acquired and applies Begin's table; what
 /// changed in between (or failed to read) goes through the one-key path.
-async fn judge_batch(store: &PgStore, pending: Vec<(BeginRequest, Reply)>) {
+async fn judge_begins(store: &PgStore, pending: Vec<Item<BeginRequest, BeginOutcome>>) {
     if pending.is_empty() {
         return;
     }
@@ -170,32 +205,78 @@ async fn judge_batch(store: &PgStore, pending: Vec<(BeginRequest, Reply)>) {
     let keys: Vec<&str> = pending.iter().map(|(r, _)| r.id.key.as_str()).collect();
     let read = sqlx::query(BEGIN_READ_BATCH).bind(&namespaces).bind(&keys).fetch_all(store.pool()).await;
     let mut current = HashMap::new();
-    if let Ok(rows) = read {
-        for row in rows {
-            let (Ok(namespace), Ok(key)) = (row.try_get::<String, _>("namespace"), row.try_get::<String, _>("key"))
-            else {
-                continue;
-            };
-            if let Ok(record) = current_record(&row) {
-                current.insert(format!("{namespace}/{key}"), record);
-            }
+    for row in read.unwrap_or_default() {
+        if let (Ok(namespace), Ok(key), Ok(record)) =
+            (row.try_get::<String, _>("namespace"), row.try_get::<String, _>("key"), current_record(&row))
+        {
+            current.insert(format!("{namespace}/{key}"), record);
         }
     }
     for (request, reply) in pending {
-        let verdict = current.remove(&request.id.wake_topic()).map(|record| record.verdict(&request));
-        match verdict {
+        match current.remove(&request.id.wake_topic()).map(|record| record.verdict(&request)) {
             Some(Verdict::Outcome(outcome)) => {
                 let _ = reply.send(Ok(outcome));
             }
             Some(Verdict::Mismatch) => {
                 let _ = reply.send(Err(Error::FingerprintMismatch));
             }
-            Some(Verdict::TryAgain) | None => {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let _ = reply.send(store.begin_single(&request).await);
-                });
-            }
+            Some(Verdict::TryAgain) | None => begin_alone(store, (request, reply)),
         }
     }
+}
+
+async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completion>>) {
+    if batch.len() == 1 {
+        for (request, reply) in batch {
+            let _ = reply.send(store.complete_single(&request).await);
+        }
+        return;
+    }
+    tracing::debug!(size = batch.len(), "group commit of Completes");
+    let (entries, repeats) = distinct(batch, |r| r.id.wake_topic());
+    let requests = || entries.iter().map(|(r, _)| r);
+    let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
+    let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
+    let tokens: Vec<&str> = requests().map(|r| r.lease_token.as_str()).collect();
+    let responses: Vec<&[u8]> = requests().map(|r| r.response.as_slice()).collect();
+    let codes: Vec<i32> = requests().map(|r| r.response_code).collect();
+    let content_types: Vec<&str> = requests().map(|r| r.content_type.as_str()).collect();
+    let result = sqlx::query(COMPLETE_BATCH)
+        .bind(&namespaces)
+        .bind(&keys)
+        .bind(&tokens)
+        .bind(&responses)
+        .bind(&codes)
+        .bind(&content_types)
+        .fetch_all(store.pool())
+        .await;
+    match result {
+        Ok(rows) => {
+            let mut done = HashMap::with_capacity(rows.len());
+            for row in rows {
+                if let (Ok(namespace), Ok(key), Ok(completed_at), Ok(expires_at)) = (
+                    row.try_get::<String, _>("namespace"),
+                    row.try_get::<String, _>("key"),
+                    row.try_get("completed_at"),
+                    row.try_get("expires_at"),
+                ) {
+                    done.insert(format!("{namespace}/{key}"), Completion { completed_at, expires_at });
+                }
+            }
+            for (request, reply) in entries {
+                match done.remove(&request.id.wake_topic()) {
+                    Some(completion) => {
+                        let _ = reply.send(Ok(completion));
+                    }
+                    // Not completed here: the one-key path says why (a retry, LEASE_LOST, NOT_FOUND).
+                    None => complete_alone(&store, (request, reply)),
+                }
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "group commit of Completes failed; each runs alone");
+            entries.into_iter().for_each(|item| complete_alone(&store, item));
+        }
+    }
+    repeats.into_iter().for_each(|item| complete_alone(&store, item));
 }

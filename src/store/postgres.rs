@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::group_commit::BeginBatcher;
+use super::group_commit::GroupCommit;
 use super::{Store, TokenCheck, begin_rounds};
 use crate::config::DatabaseConfig;
 use crate::domain::{
@@ -30,8 +30,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
-    /// Group commit of Begins, when `--group-commit-max-batch` > 1.
-    batcher: Option<Arc<BeginBatcher>>,
+    /// Group commit of Begins and Completes, when `--group-commit-max-batch` > 1.
+    batchers: Option<Arc<GroupCommit>>,
     /// One long-lived connection for LISTEN, outside the request pool so
     /// it never takes a slot from calls.
     listen_pool: PgPool,
@@ -57,15 +57,15 @@ impl PgStore {
             .connect_lazy_with(options.clone());
         let listen_pool =
             PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout).connect_lazy_with(options);
-        let store = PgStore { pool, listen_pool, batcher: None };
+        let store = PgStore { pool, listen_pool, batchers: None };
         if config.group_commit_max_batch <= 1 {
             return Ok(store);
         }
-        // Workers run on a store without a batcher: their one-key fallbacks go straight to SQL.
-        let workers = (config.db_max_connections as usize / 2).clamp(1, 8);
-        let batcher =
-            BeginBatcher::start(store.clone(), workers, config.group_commit_max_batch, config.group_commit_window);
-        Ok(PgStore { batcher: Some(batcher), ..store })
+        // Workers run on a store without batchers: their one-key fallbacks go straight to SQL.
+        let workers = (config.db_max_connections as usize / 4).clamp(1, 4);
+        let batchers =
+            GroupCommit::start(store.clone(), workers, config.group_commit_max_batch, config.group_commit_window);
+        Ok(PgStore { batchers: Some(batchers), ..store })
     }
 
     /// Applies pending migrations; concurrent replicas serialise on sqlx's
@@ -172,6 +172,31 @@ ORDER BY b.namespace, b.key
 "#,
     begin_on_conflict!()
 );
+
+/// Group commit of Completes: distinct keys, rows locked in key order.
+pub(super) const COMPLETE_BATCH: &str = r#"
+WITH b AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::text[])
+        AS b(namespace, key, lease_token, response, response_code, content_type)
+), locked AS MATERIALIZED (
+    SELECT r.namespace, r.key FROM idemd_records r
+    JOIN b ON r.namespace = b.namespace AND r.key = b.key
+    ORDER BY r.namespace, r.key
+    FOR UPDATE OF r
+), done AS (
+    UPDATE idemd_records r
+    SET state = 2, response = b.response, response_code = b.response_code, content_type = b.content_type,
+        completed_at = now(), updated_at = now(),
+        expires_at = now() + r.retention_us * interval '1 microsecond'
+    FROM b, locked l
+    WHERE r.namespace = b.namespace AND r.key = b.key AND l.namespace = r.namespace AND l.key = r.key
+      AND r.state = 1 AND r.lease_token = b.lease_token
+      AND r.lease_expires_at > now() AND r.expires_at > now()
+    RETURNING r.namespace, r.key, r.completed_at, r.expires_at
+)
+SELECT namespace, key, completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+FROM done
+"#;
 
 /// What holds the keys of a batch that did not acquire.
 pub(super) const BEGIN_READ_BATCH: &str = r#"
@@ -300,6 +325,31 @@ impl PgStore {
         &self.pool
     }
 
+    /// Complete for one key: the conditional update, then (if it changed
+    /// nothing) a read that says why.
+    pub(super) async fn complete_single(&self, request: &CompleteRequest) -> Result<Completion> {
+        let id = &request.id;
+        let row = sqlx::query(COMPLETE)
+            .bind(id.namespace.as_str())
+            .bind(id.key.as_str())
+            .bind(request.lease_token.as_str())
+            .bind(request.response.as_slice())
+            .bind(request.response_code)
+            .bind(request.content_type.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return Ok(Completion {
+                completed_at: row.try_get("completed_at")?,
+                expires_at: row.try_get("expires_at")?,
+            });
+        }
+        match self.token_check(id).await? {
+            Some(check) => check.repeated_complete(&request.lease_token),
+            None => Err(Error::NotFound),
+        }
+    }
+
     /// Begin for one key: the atomic acquisition, then (if it did not
     /// acquire) a read of what holds the key.
     pub(super) async fn begin_single(&self, request: &BeginRequest) -> Result<BeginOutcome> {
@@ -350,32 +400,16 @@ impl PgStore {
 
 impl Store for PgStore {
     async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
-        match &self.batcher {
-            Some(batcher) => batcher.submit(request.clone()).await,
+        match &self.batchers {
+            Some(batchers) => batchers.begin.submit(request.clone()).await,
             None => self.begin_single(request).await,
         }
     }
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
-        let id = &request.id;
-        let row = sqlx::query(COMPLETE)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(request.lease_token.as_str())
-            .bind(request.response.as_slice())
-            .bind(request.response_code)
-            .bind(request.content_type.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            return Ok(Completion {
-                completed_at: row.try_get("completed_at")?,
-                expires_at: row.try_get("expires_at")?,
-            });
-        }
-        match self.token_check(id).await? {
-            Some(check) => check.repeated_complete(&request.lease_token),
-            None => Err(Error::NotFound),
+        match &self.batchers {
+            Some(batchers) => batchers.complete.submit(request.clone()).await,
+            None => self.complete_single(request).await,
         }
     }
 

@@ -92,7 +92,54 @@ async fn largest_response_is_accepted(backend: Backend) {
     assert_eq!(replay.response, payload);
 }
 
+async fn concurrent_completes_each_store_their_own_response(backend: Backend) {
+    // With group commit these share batches: many keys, a repeat of one
+    // Complete, and a stale token among them.
+    let app = spawn_app(backend).await;
+    let mut leases = Vec::new();
+    for i in 0..32 {
+        leases.push(app.acquire(begin_req(&format!("c-{i}"))).await);
+    }
+    let stale = leases[31].lease_token.clone();
+    app.abort("c-31", &stale, "retry").await.expect("abort");
+    let fresh = app.acquire(begin_req("c-31")).await;
+    let mut calls = Vec::new();
+    for (i, lease) in leases.iter().enumerate() {
+        let token = if i == 31 { stale.clone() } else { lease.lease_token.clone() };
+        for _ in 0..if i == 7 { 2 } else { 1 } {
+            let mut client = app.client.clone();
+            let token = token.clone();
+            calls.push(tokio::spawn(async move {
+                let request = pb::CompleteRequest {
+                    namespace: NS.into(),
+                    key: format!("c-{i}"),
+                    lease_token: token,
+                    response: format!("response {i}").into_bytes(),
+                    ..Default::default()
+                };
+                (i, client.complete(request).await)
+            }));
+        }
+    }
+    for call in calls {
+        let (i, answer) = call.await.expect("task");
+        if i == 31 {
+            assert_error(&answer.expect_err("stale token"), Code::FailedPrecondition, "LEASE_LOST");
+        } else {
+            answer.unwrap_or_else(|s| panic!("c-{i}: {s:?}"));
+        }
+    }
+    for i in 0..31 {
+        let Outcome::Completed(replay) = app.begin(begin_req(&format!("c-{i}"))).await.expect("begin") else {
+            panic!("c-{i} not completed");
+        };
+        assert_eq!(replay.response, format!("response {i}").into_bytes());
+    }
+    app.complete("c-31", &fresh.lease_token, b"fresh").await.expect("the new holder completes");
+}
+
 crate::both_stores!(
+    concurrent_completes_each_store_their_own_response,
     complete_stores_the_outcome,
     retried_complete_is_ok_and_changes_nothing,
     complete_after_another_attempt_took_over_is_lease_lost,
