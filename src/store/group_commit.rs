@@ -98,8 +98,11 @@ async fn gather<T>(receiver: &Mutex<mpsc::Receiver<T>>, max_batch: usize, window
     Some(batch)
 }
 
+/// One entry per key, and the repeats.
+type Split<Q, A> = (Vec<Item<Q, A>>, Vec<Item<Q, A>>);
+
 /// Splits a batch into one entry per key and the repeats.
-fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> (Vec<Item<Q, A>>, Vec<Item<Q, A>>) {
+fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> Split<Q, A> {
     let mut seen = HashSet::new();
     let (mut entries, mut repeats) = (Vec::new(), Vec::new());
     for item in batch {
