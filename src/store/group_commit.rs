@@ -137,6 +137,8 @@ async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>
         return;
     }
     tracing::debug!(size = batch.len(), "group commit of Begins");
+    // A caller that gave up while queued must not be handed a lease nobody holds.
+    let batch: Vec<_> = batch.into_iter().filter(|(_, reply)| !reply.is_closed()).collect();
     let (entries, repeats) = distinct(batch, |r| r.id.wake_topic());
     let tokens: Vec<(String, String)> = entries.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
     match acquire_batch(&store, &entries, &tokens).await {
@@ -153,9 +155,18 @@ async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>
             }
             judge_begins(&store, pending).await;
         }
-        Err(error) => {
+        // Postgres rejected the statement, so nothing of it committed: each runs alone.
+        Err(Error::StoreUnavailable(sqlx::Error::Database(error))) => {
             tracing::warn!(%error, "group commit of Begins failed; each runs alone");
             entries.into_iter().for_each(|item| begin_alone(&store, item));
+        }
+        // The connection failed: the batch may have committed, so, as for a
+        // single Begin, the callers hear "not confirmed" and retry (same nonce).
+        Err(error) => {
+            let message = error.to_string();
+            for (_, reply) in entries {
+                let _ = reply.send(Err(Error::StoreUnavailable(sqlx::Error::Protocol(message.clone()))));
+            }
         }
     }
     repeats.into_iter().for_each(|item| begin_alone(&store, item));
