@@ -62,14 +62,16 @@ impl NamespaceGrant {
 /// The parsed tokens file.
 #[derive(Debug, Default, Clone)]
 pub struct Grants {
-    by_token_hash: HashMap<[u8; 32], NamespaceGrant>,
-    by_subject: HashMap<String, NamespaceGrant>,
+    /// Shared with every request's `Principal`: no copy per call.
+    by_token_hash: HashMap<[u8; 32], Arc<NamespaceGrant>>,
+    by_subject: HashMap<String, Arc<NamespaceGrant>>,
 }
 
 impl Grants {
     /// Parses the tokens file; an error names the line and what is wrong.
     pub fn parse(text: &str) -> std::result::Result<Grants, String> {
-        let mut grants = Grants::default();
+        let mut tokens: HashMap<[u8; 32], NamespaceGrant> = HashMap::new();
+        let mut subjects: HashMap<String, NamespaceGrant> = HashMap::new();
         for (index, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -87,17 +89,20 @@ impl Grants {
             if let Some(hash) = credential.strip_prefix("sha256:") {
                 let bytes = hex::decode(hash).map_err(|_| fail("the token hash is not hex".into()))?;
                 let hash: [u8; 32] = bytes.try_into().map_err(|_| fail("the token hash is not 32 bytes".into()))?;
-                grants.by_token_hash.entry(hash).or_default().merge(grant);
+                tokens.entry(hash).or_default().merge(grant);
             } else if let Some(subject) = credential.strip_prefix("subject:") {
                 if subject.is_empty() {
                     return Err(fail("empty subject".into()));
                 }
-                grants.by_subject.entry(subject.to_string()).or_default().merge(grant);
+                subjects.entry(subject.to_string()).or_default().merge(grant);
             } else {
                 return Err(fail("a credential starts with `sha256:` or `subject:`".into()));
             }
         }
-        Ok(grants)
+        Ok(Grants {
+            by_token_hash: tokens.into_iter().map(|(k, g)| (k, Arc::new(g))).collect(),
+            by_subject: subjects.into_iter().map(|(k, g)| (k, Arc::new(g))).collect(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -234,16 +239,21 @@ impl Authenticator {
             return grants
                 .by_token_hash
                 .get(&token_hash(token))
-                .map(|grant| Principal(Arc::new(grant.clone())))
+                .map(|grant| Principal(Arc::clone(grant)))
                 .ok_or(Error::Unauthenticated);
         }
-        let mut found: Option<NamespaceGrant> = None;
-        for subject in subjects {
-            if let Some(grant) = grants.by_subject.get(subject) {
-                found.get_or_insert_with(NamespaceGrant::default).merge(grant.clone());
-            }
+        let mut matched = subjects.iter().filter_map(|subject| grants.by_subject.get(subject));
+        let first = matched.next().ok_or(Error::Unauthenticated)?;
+        let rest: Vec<_> = matched.collect();
+        if rest.is_empty() {
+            return Ok(Principal(Arc::clone(first)));
         }
-        found.map(|grant| Principal(Arc::new(grant))).ok_or(Error::Unauthenticated)
+        // A certificate naming several granted subjects gets their union.
+        let mut union = NamespaceGrant::clone(first);
+        for grant in rest {
+            union.merge(NamespaceGrant::clone(grant));
+        }
+        Ok(Principal(Arc::new(union)))
     }
 }
 
@@ -315,7 +325,7 @@ mod tests {
                 && !grant.allows("refunds")
         );
         assert!(!line.contains(&token), "the file never holds the token");
-        let principal = Principal(Arc::new(grant.clone()));
+        let principal = Principal(Arc::clone(grant));
         assert!(principal.check(&ns("payments")).is_ok());
         assert!(matches!(principal.check(&ns("refunds")), Err(Error::NamespaceDenied)));
     }

@@ -210,8 +210,8 @@ impl Client {
             namespace: self.namespace.clone(),
             key: key.to_string(),
             fingerprint: fingerprint.to_vec(),
-            lease_ttl: Some(proto_duration(self.policy.lease_ttl)),
-            wait_timeout: Some(proto_duration(wait)),
+            lease_ttl: Some(pb::duration(self.policy.lease_ttl)),
+            wait_timeout: Some(pb::duration(wait)),
             attempt_nonce: nonce.to_string(),
             ..Default::default()
         };
@@ -233,7 +233,7 @@ impl Client {
                 namespace: self.namespace.clone(),
                 key: key.to_string(),
                 lease_token: token.to_string(),
-                lease_ttl: Some(proto_duration(self.policy.lease_ttl)),
+                lease_ttl: Some(pb::duration(self.policy.lease_ttl)),
             };
             let timeout = self.policy.rpc_timeout.min(every);
             if let Err(status) = self
@@ -346,13 +346,6 @@ fn replay(done: pb::Completed) -> Done {
 /// ±50 % so that retrying callers do not move in lockstep.
 fn jitter(base: Duration) -> Duration {
     base.mul_f64(rand::rng().random_range(0.5..1.5))
-}
-
-fn proto_duration(value: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
-    }
 }
 
 fn from_proto(value: prost_types::Duration) -> Duration {

@@ -49,4 +49,12 @@ pub mod pb {
 
     /// The service name clients and readiness probes use.
     pub const SERVICE_NAME: &str = "idemd.v1.Idempotency";
+
+    /// A std duration as a protobuf Duration (saturating; ours are far shorter).
+    pub fn duration(value: std::time::Duration) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
+        }
+    }
 }

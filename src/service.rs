@@ -278,13 +278,6 @@ fn timestamp(value: Timestamp) -> prost_types::Timestamp {
     }
 }
 
-fn proto_duration(value: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
-    }
-}
-
 fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
     use pb::begin_response::Outcome;
     let outcome = match outcome {
@@ -305,7 +298,7 @@ fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
         BeginOutcome::InProgress(busy) => Outcome::InProgress(pb::InProgress {
             attempt: busy.attempt,
             lease_expires_at: Some(timestamp(busy.lease_expires_at)),
-            retry_after: Some(proto_duration(busy.retry_after())),
+            retry_after: Some(pb::duration(busy.retry_after())),
         }),
     };
     pb::BeginResponse { outcome: Some(outcome) }

@@ -277,7 +277,7 @@ pub fn begin_req(key: &str) -> pb::BeginRequest {
 }
 
 pub fn duration(value: Duration) -> prost_types::Duration {
-    prost_types::Duration { seconds: value.as_secs() as i64, nanos: value.subsec_nanos() as i32 }
+    pb::duration(value)
 }
 
 pub fn secs(value: u64) -> Option<prost_types::Duration> {
