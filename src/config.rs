@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::store::pg_url::PgUrl;
+
 /// Lease lengths callers may ask for (API.md).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
@@ -61,13 +63,21 @@ impl FromStr for DatabaseUrl {
     type Err = String;
     fn from_str(value: &str) -> Result<Self, String> {
         let url = DatabaseUrl(value.to_string());
-        url.backend()?;
+        if url.backend()? == Backend::Postgres {
+            PgUrl::parse(value)?;
+        }
         Ok(url)
     }
 }
 
 impl fmt::Display for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.starts_with("postgres://") || self.0.starts_with("postgresql://") {
+            return match PgUrl::parse(&self.0) {
+                Ok(url) => write!(f, "{}", url.redacted()),
+                Err(_) => write!(f, "<unparsable database url>"),
+            };
+        }
         match url::Url::parse(&self.0) {
             Ok(mut parsed) => {
                 if parsed.password().is_some() {
@@ -95,13 +105,36 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// What sits between idemd and Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DbPooler {
+    /// Postgres itself (or a session-mode pooler).
+    None,
+    /// A transaction-mode pooler such as PgBouncer: no prepared statement
+    /// outlives its transaction, no session settings, no LISTEN.
+    Transaction,
+}
+
 /// Where the records live.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseConfig {
     /// Database URL: postgres://user:pass@host/db for production, or an
     /// SQLite file (created if missing) for a laptop or one small instance.
+    /// Several hosts (`postgres://u@a,b,c/db?target_session_attrs=read-write`)
+    /// make idemd write to whichever is the primary and follow a failover.
     #[arg(long, env = "DATABASE_URL", default_value = "sqlite://idemd.db")]
     pub database_url: DatabaseUrl,
+
+    /// `transaction` when DATABASE_URL points at a transaction-mode pooler
+    /// (PgBouncer `pool_mode = transaction`).
+    #[arg(long, env = "IDEMD_DB_POOLER", value_enum, default_value_t = DbPooler::None)]
+    pub db_pooler: DbPooler,
+
+    /// Postgres without the pooler, for migrations and LISTEN (wake-ups of
+    /// waiters from other replicas). With a transaction pooler and no direct
+    /// URL, waiters re-check their key every 250 ms instead.
+    #[arg(long, env = "IDEMD_DIRECT_DATABASE_URL")]
+    pub direct_database_url: Option<DatabaseUrl>,
 
     /// Connections in the pool of this replica. Replicas × this must stay
     /// under Postgres's max_connections.
@@ -123,6 +156,26 @@ pub struct DatabaseConfig {
     /// what is already queued, so a lone Begin never waits).
     #[arg(long, env = "IDEMD_GROUP_COMMIT_WINDOW", default_value = "0ms", value_parser = duration)]
     pub group_commit_window: Duration,
+}
+
+impl DatabaseConfig {
+    /// What `serve` and `migrate` share.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let postgres = self.database_url.backend() == Ok(Backend::Postgres);
+        if self.db_pooler != DbPooler::None && !postgres {
+            return Err(bad("--db-pooler", "IDEMD_DB_POOLER", "applies to a postgres:// DATABASE_URL only"));
+        }
+        if let Some(direct) = &self.direct_database_url
+            && (!postgres || direct.backend() != Ok(Backend::Postgres))
+        {
+            return Err(bad(
+                "--direct-database-url",
+                "IDEMD_DIRECT_DATABASE_URL",
+                "must be a postgres:// URL, next to a postgres:// DATABASE_URL",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Settings of `idemd serve`.
@@ -247,6 +300,7 @@ impl ServeConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database.validate()?;
         let d = &self.database;
         if d.store_timeout < Duration::from_millis(100) || d.store_timeout > Duration::from_secs(600) {
             return Err(bad("--store-timeout", "IDEMD_STORE_TIMEOUT", "must be between 100ms and 10m"));
@@ -333,6 +387,9 @@ mod tests {
         assert!(!format!("{url:?} {url}").contains("s3cret"));
         let url = DatabaseUrl::new("postgres://db/idemd?user=idemd&password=s3cret");
         assert!(!format!("{url:?} {url}").contains("s3cret"), "{url}");
+        let url = DatabaseUrl::new("postgres://idemd:s3cret@a:5432,b:5432/idemd?target_session_attrs=read-write");
+        assert!(!format!("{url:?} {url}").contains("s3cret"), "{url}");
+        assert!("postgres://a,b/db?target_session_attrs=standby".parse::<DatabaseUrl>().is_err());
         assert!("mysql://x".parse::<DatabaseUrl>().is_err());
     }
 }

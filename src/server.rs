@@ -24,7 +24,7 @@ use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::health::Readiness;
 use crate::metrics::{self, Metrics};
 use crate::pb;
-use crate::service::{IdempotencyService, Limits};
+use crate::service::{IdempotencyService, Limits, POLLING_WAITER_INTERVAL, WAITER_POLL};
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
@@ -44,7 +44,7 @@ const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
     match database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
-            let store = PgStore::connect_lazy(database)?;
+            let store = PgStore::connect_lazy(database, Wakeups::new())?;
             store.migrate().await.context("applying Postgres migrations")?;
             store.close().await;
         }
@@ -93,12 +93,21 @@ pub async fn run(
     let background = CancellationToken::new();
     match config.database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
-            let store = PgStore::connect_lazy(&config.database)?;
+            let store = PgStore::connect_lazy(&config.database, Arc::clone(&wakeups))?;
             if !config.no_migrate {
                 store.migrate().await.context("applying Postgres migrations")?;
             }
             let relay = store.spawn_wakeup_listener(Arc::clone(&wakeups), background.clone());
-            serve(store, wakeups, config, listeners, shutdown, background, vec![relay]).await
+            if relay.is_none() {
+                tracing::warn!(
+                    "no LISTEN through a transaction pooler: waiters re-check their key every {:?} \
+                     (set --direct-database-url for immediate wake-ups)",
+                    POLLING_WAITER_INTERVAL
+                );
+            }
+            let waiter_poll = if relay.is_some() { WAITER_POLL } else { POLLING_WAITER_INTERVAL };
+            let tasks = relay.into_iter().collect();
+            serve(store, wakeups, waiter_poll, config, listeners, shutdown, background, tasks).await
         }
         Backend::Sqlite => {
             let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
@@ -107,7 +116,7 @@ pub async fn run(
             if !config.no_migrate {
                 store.migrate().await.context("applying SQLite migrations")?;
             }
-            serve(store, wakeups, config, listeners, shutdown, background, Vec::new()).await
+            serve(store, wakeups, WAITER_POLL, config, listeners, shutdown, background, Vec::new()).await
         }
     }
 }
@@ -115,6 +124,7 @@ pub async fn run(
 async fn serve<S: Store>(
     store: S,
     wakeups: Arc<Wakeups>,
+    waiter_poll: Duration,
     config: ServeConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -153,7 +163,7 @@ async fn serve<S: Store>(
         store.clone(),
         wakeups,
         Arc::clone(&metrics),
-        Limits::from(&config),
+        Limits { waiter_poll, ..Limits::from(&config) },
         stop_waiting.clone(),
     );
     let service = pb::idempotency_server::IdempotencyServer::new(service)

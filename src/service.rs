@@ -27,7 +27,11 @@ use crate::wakeups::Wakeups;
 
 /// A waiter re-checks its key at least this often even without a wake-up:
 /// the safety net under the notifications.
-const WAITER_POLL: Duration = Duration::from_secs(2);
+pub const WAITER_POLL: Duration = Duration::from_secs(2);
+/// The same when no notification can arrive from other replicas (a
+/// transaction pooler and no direct connection for LISTEN): the re-check is
+/// then how a waiter learns of another replica's Complete.
+pub const POLLING_WAITER_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What the service needs from the configuration.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct Limits {
     pub max_waiters: usize,
     pub max_waiters_per_namespace: usize,
     pub rate_limit_per_namespace: u32,
+    /// How often a parked waiter re-checks its key without a wake-up.
+    pub waiter_poll: Duration,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -58,6 +64,7 @@ impl From<&ServeConfig> for Limits {
             max_waiters: config.max_waiters,
             max_waiters_per_namespace: config.max_waiters_per_namespace,
             rate_limit_per_namespace: config.rate_limit_per_namespace,
+            waiter_poll: WAITER_POLL,
         }
     }
 }
@@ -161,7 +168,7 @@ impl<S: Store> IdempotencyService<S> {
             // Wake at the latest when the holder's lease runs out (it may be
             // taken over then), or for the periodic re-check.
             let lease_end = now + busy.lease_remaining + Duration::from_millis(1);
-            let recheck = wait_until.min(lease_end).min(now + WAITER_POLL);
+            let recheck = wait_until.min(lease_end).min(now + self.limits.waiter_poll);
             tokio::select! {
                 _ = subscription.woken() => {}
                 _ = tokio::time::sleep_until(recheck) => {}

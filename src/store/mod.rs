@@ -7,6 +7,9 @@
 //! transition: it validates, calls one method and encodes the result.
 
 pub mod group_commit;
+pub mod pg_session;
+pub mod pg_target;
+pub mod pg_url;
 pub mod postgres;
 pub mod sqlite;
 

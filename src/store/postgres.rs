@@ -3,7 +3,6 @@
 //! skewed clocks agree. Complete, Abort and the reaper `NOTIFY` the key in the
 //! same statement; every replica's listener relays it to its waiters.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,14 +12,19 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::group_commit::GroupCommit;
+use super::pg_session::{PgSession, primary_may_have_moved};
+use super::pg_target::PgTarget;
 use super::{Store, TokenCheck, begin_rounds};
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, DbPooler};
 use crate::domain::{
     AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, ReapedLease, Record,
     RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
+
+/// How long a readiness ping waits before it also suspects the primary moved.
+const PING_PATIENCE: Duration = Duration::from_secs(1);
 
 /// The NOTIFY channel; the payload is `namespace/key`.
 pub const WAKE_CHANNEL: &str = "idemd_wake";
@@ -29,35 +33,64 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 #[derive(Clone, Debug)]
 pub struct PgStore {
-    pool: PgPool,
+    session: PgSession,
     /// Group commit of Begins and Completes, when `--group-commit-max-batch` > 1.
     batchers: Option<Arc<GroupCommit>>,
-    /// One long-lived connection for LISTEN, outside the request pool so
-    /// it never takes a slot from calls.
-    listen_pool: PgPool,
+    /// One connection straight to Postgres, for migrations and LISTEN,
+    /// outside the request pool so it never takes a slot from calls. None
+    /// behind a transaction pooler without `--direct-database-url`.
+    direct: Option<(PgPool, Arc<PgTarget>)>,
+    /// Without LISTEN, this replica's own transitions wake its waiters here.
+    local_wakeups: Option<Arc<Wakeups>>,
 }
 
 impl PgStore {
     /// Builds the pools. Connections are opened on demand, so a database
     /// that is down at start-up surfaces as an error of the first use.
-    pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self> {
-        let options = PgConnectOptions::from_str(config.database_url.expose())
-            .map_err(Error::StoreUnavailable)?
-            .application_name("idemd")
-            // The database abandons what the service already gave up on.
-            .options([("statement_timeout", config.store_timeout.as_millis().to_string())])
-            .log_statements(tracing::log::LevelFilter::Trace);
-        let pool = PgPoolOptions::new()
-            .max_connections(config.db_max_connections)
-            .acquire_timeout(config.store_timeout)
-            // No ping before every statement: it doubled the round trips of
-            // the hot path. A connection that died is found by its statement
-            // failing (the caller gets UNAVAILABLE and retries) and dropped.
-            .test_before_acquire(false)
-            .connect_lazy_with(options.clone());
-        let listen_pool =
-            PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout).connect_lazy_with(options);
-        let store = PgStore { pool, listen_pool, batchers: None };
+    /// `wakeups` is woken directly when no LISTEN connection can relay.
+    pub fn connect_lazy(config: &DatabaseConfig, wakeups: Arc<Wakeups>) -> Result<Self> {
+        let through_pooler = config.db_pooler == DbPooler::Transaction;
+        let store_timeout = config.store_timeout;
+        let direct_options = move |options: PgConnectOptions| {
+            options
+                .application_name("idemd")
+                // The database abandons what the service already gave up on.
+                .options([("statement_timeout", store_timeout.as_millis().to_string())])
+                .log_statements(tracing::log::LevelFilter::Trace)
+        };
+        let pooled_options = move |options: PgConnectOptions| {
+            // PgBouncer refuses startup parameters it does not track; the
+            // timeout is set inside each transaction instead (pg_session.rs).
+            options.application_name("idemd").extra_float_digits(None).log_statements(tracing::log::LevelFilter::Trace)
+        };
+        let target = if through_pooler {
+            PgTarget::new(config.database_url.expose(), pooled_options)?
+        } else {
+            PgTarget::new(config.database_url.expose(), direct_options)?
+        };
+        let pool = target.pool(
+            PgPoolOptions::new()
+                .max_connections(config.db_max_connections)
+                .acquire_timeout(config.store_timeout)
+                // No ping before every statement: it doubled the round trips of
+                // the hot path. A connection that died is found by its statement
+                // failing (the caller gets UNAVAILABLE and retries) and dropped.
+                .test_before_acquire(false),
+        );
+        target.spawn_watcher();
+        let session = PgSession::new(pool, Arc::clone(&target), through_pooler, config.store_timeout);
+        let direct_target = match (&config.direct_database_url, through_pooler) {
+            (Some(url), _) => Some(PgTarget::new(url.expose(), direct_options)?),
+            (None, false) => Some(target),
+            (None, true) => None,
+        };
+        let direct = direct_target.map(|target| {
+            let pool = target.pool(PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout));
+            target.spawn_watcher();
+            (pool, target)
+        });
+        let local_wakeups = direct.is_none().then_some(wakeups);
+        let store = PgStore { session, direct, local_wakeups, batchers: None };
         if config.group_commit_max_batch <= 1 {
             return Ok(store);
         }
@@ -68,24 +101,43 @@ impl PgStore {
         Ok(PgStore { batchers: Some(batchers), ..store })
     }
 
-    /// Applies pending migrations; concurrent replicas serialise on sqlx's
-    /// advisory lock.
-    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        MIGRATOR.run(&self.pool).await
+    /// Whether waiters on other replicas hear of this replica's transitions
+    /// at once (LISTEN/NOTIFY); otherwise they find out by re-checking.
+    pub fn relays_wakeups(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Applies pending migrations over the direct connection; concurrent
+    /// replicas serialise on sqlx's advisory lock, which a transaction
+    /// pooler would not keep.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let Some((pool, target)) = &self.direct else {
+            anyhow::bail!(
+                "migrations cannot run through a transaction pooler: set --direct-database-url \
+                 (IDEMD_DIRECT_DATABASE_URL), or run `idemd migrate` against Postgres itself and serve with --no-migrate"
+            );
+        };
+        target.locate().await?;
+        MIGRATOR.run(pool).await?;
+        Ok(())
     }
 
     /// Relays NOTIFYs from every replica to this replica's waiters until
     /// shutdown. After any gap in listening it wakes every waiter, so a
     /// notification lost meanwhile costs a re-check, never a stuck waiter.
-    pub fn spawn_wakeup_listener(&self, wakeups: Arc<Wakeups>, shutdown: CancellationToken) -> JoinHandle<()> {
-        let pool = self.listen_pool.clone();
-        tokio::spawn(async move {
+    /// Without a direct connection there is nothing to relay.
+    pub fn spawn_wakeup_listener(&self, wakeups: Arc<Wakeups>, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
+        let (pool, target) = self.direct.clone()?;
+        Some(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             while !shutdown.is_cancelled() {
                 match listen_until_error(&pool, &wakeups, &shutdown).await {
                     Ok(()) => return,
                     Err(error) => {
                         tracing::warn!(%error, "wake-up listener lost its connection; reconnecting");
+                        if primary_may_have_moved(&error) {
+                            target.suspect();
+                        }
                         wakeups.wake_all();
                     }
                 }
@@ -95,7 +147,14 @@ impl PgStore {
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-        })
+        }))
+    }
+
+    /// This replica's own transition, when no LISTEN relays it.
+    fn woke(&self, id: &RecordId) {
+        if let Some(wakeups) = &self.local_wakeups {
+            wakeups.wake(id);
+        }
     }
 }
 
@@ -321,22 +380,25 @@ fn token_check(row: &PgRow) -> Result<TokenCheck> {
 }
 
 impl PgStore {
-    pub(super) fn pool(&self) -> &PgPool {
-        &self.pool
+    pub(super) fn session(&self) -> &PgSession {
+        &self.session
     }
 
     /// Complete for one key: the conditional update, then (if it changed
     /// nothing) a read that says why.
     pub(super) async fn complete_single(&self, request: &CompleteRequest) -> Result<Completion> {
         let id = &request.id;
-        let row = sqlx::query(COMPLETE)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(request.lease_token.as_str())
-            .bind(request.response.as_slice())
-            .bind(request.response_code)
-            .bind(request.content_type.as_str())
-            .fetch_optional(&self.pool)
+        let row = self
+            .session
+            .fetch_optional(
+                sqlx::query(COMPLETE)
+                    .bind(id.namespace.as_str())
+                    .bind(id.key.as_str())
+                    .bind(request.lease_token.as_str())
+                    .bind(request.response.as_slice())
+                    .bind(request.response_code)
+                    .bind(request.content_type.as_str()),
+            )
             .await?;
         if let Some(row) = row {
             return Ok(Completion {
@@ -356,16 +418,19 @@ impl PgStore {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
-            let row = sqlx::query(BEGIN_ACQUIRE)
-                .bind(id.namespace.as_str())
-                .bind(id.key.as_str())
-                .bind(request.fingerprint.as_slice())
-                .bind(micros(request.lease_ttl))
-                .bind(micros(request.retention))
-                .bind(new_downstream_key())
-                .bind(token.as_str())
-                .bind(request.attempt_nonce.as_deref())
-                .fetch_optional(&self.pool)
+            let row = self
+                .session
+                .fetch_optional(
+                    sqlx::query(BEGIN_ACQUIRE)
+                        .bind(id.namespace.as_str())
+                        .bind(id.key.as_str())
+                        .bind(request.fingerprint.as_slice())
+                        .bind(micros(request.lease_ttl))
+                        .bind(micros(request.retention))
+                        .bind(new_downstream_key())
+                        .bind(token.as_str())
+                        .bind(request.attempt_nonce.as_deref()),
+                )
                 .await?;
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
@@ -378,10 +443,9 @@ impl PgStore {
             .transpose()
         };
         let read = || async {
-            let row = sqlx::query(BEGIN_READ)
-                .bind(id.namespace.as_str())
-                .bind(id.key.as_str())
-                .fetch_optional(&self.pool)
+            let row = self
+                .session
+                .fetch_optional(sqlx::query(BEGIN_READ).bind(id.namespace.as_str()).bind(id.key.as_str()))
                 .await?;
             row.map(|row| current_record(&row)).transpose()
         };
@@ -389,10 +453,9 @@ impl PgStore {
     }
 
     async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
-        let row = sqlx::query(TOKEN_CHECK)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .fetch_optional(&self.pool)
+        let row = self
+            .session
+            .fetch_optional(sqlx::query(TOKEN_CHECK).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?;
         row.as_ref().map(token_check).transpose()
     }
@@ -407,21 +470,23 @@ impl Store for PgStore {
     }
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
-        match &self.batchers {
+        let completion = match &self.batchers {
             Some(batchers) => batchers.complete.submit(request.clone()).await,
             None => self.complete_single(request).await,
-        }
+        }?;
+        self.woke(&request.id);
+        Ok(completion)
     }
 
     async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
-        let row = sqlx::query(ABORT)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(lease_token)
-            .bind(reason)
-            .fetch_optional(&self.pool)
+        let row = self
+            .session
+            .fetch_optional(
+                sqlx::query(ABORT).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(lease_token).bind(reason),
+            )
             .await?;
         if row.is_some() {
+            self.woke(id);
             return Ok(());
         }
         match self.token_check(id).await? {
@@ -431,12 +496,15 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {
-        let row = sqlx::query(HEARTBEAT)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(lease_token)
-            .bind(micros(lease_ttl))
-            .fetch_optional(&self.pool)
+        let row = self
+            .session
+            .fetch_optional(
+                sqlx::query(HEARTBEAT)
+                    .bind(id.namespace.as_str())
+                    .bind(id.key.as_str())
+                    .bind(lease_token)
+                    .bind(micros(lease_ttl)),
+            )
             .await?;
         if let Some(row) = row {
             return Ok(row.try_get("lease_expires_at")?);
@@ -448,10 +516,9 @@ impl Store for PgStore {
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Record> {
-        let row = sqlx::query(LOOKUP)
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .fetch_optional(&self.pool)
+        let row = self
+            .session
+            .fetch_optional(sqlx::query(LOOKUP).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?
             .ok_or(Error::NotFound)?;
         Ok(Record {
@@ -475,8 +542,9 @@ impl Store for PgStore {
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
-        let rows = sqlx::query(REAP).bind(limit).fetch_all(&self.pool).await?;
-        rows.iter()
+        let rows = self.session.fetch_all(sqlx::query(REAP).bind(limit)).await?;
+        let reaped = rows
+            .iter()
             .map(|row| {
                 Ok(ReapedLease {
                     namespace: row.try_get("namespace")?,
@@ -484,26 +552,44 @@ impl Store for PgStore {
                     attempt: attempt_of(row)?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(wakeups) = &self.local_wakeups {
+            for lease in &reaped {
+                wakeups.wake_topic(&format!("{}/{}", lease.namespace, lease.key));
+            }
+        }
+        Ok(reaped)
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        Ok(sqlx::query(PURGE).bind(limit).execute(&self.pool).await?.rows_affected())
+        self.session.execute(sqlx::query(PURGE).bind(limit)).await
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        // A ping that hangs (connections refused, a host gone silent) also
+        // makes a multi-host target look for the primary again.
+        match tokio::time::timeout(PING_PATIENCE, self.session.execute(sqlx::query("SELECT 1"))).await {
+            Ok(result) => result.map(drop),
+            Err(_) => {
+                self.session.target().suspect();
+                Err(Error::StoreTimeout)
+            }
+        }
     }
 
     fn pool_stats(&self) -> crate::metrics::PoolStats {
-        let idle = self.pool.num_idle() as u64;
-        crate::metrics::PoolStats { in_use: u64::from(self.pool.size()).saturating_sub(idle), idle }
+        let pool = self.session.pool();
+        let idle = pool.num_idle() as u64;
+        crate::metrics::PoolStats { in_use: u64::from(pool.size()).saturating_sub(idle), idle }
     }
 
     async fn close(&self) {
-        self.pool.close().await;
-        self.listen_pool.close().await;
+        self.session.target().stop();
+        self.session.pool().close().await;
+        if let Some((pool, target)) = &self.direct {
+            target.stop();
+            pool.close().await;
+        }
     }
 }
 

@@ -74,6 +74,8 @@ async fn migrate_is_idempotent(backend: Backend) {
         store_timeout: Duration::from_secs(5),
         group_commit_max_batch: 1,
         group_commit_window: Duration::ZERO,
+        db_pooler: idemd::config::DbPooler::None,
+        direct_database_url: None,
     };
     idemd::server::migrate(&database).await.expect("migrations already applied: no-op");
     app.acquire(begin_req("still-works")).await;
