@@ -105,9 +105,7 @@ pub async fn run(
                     POLLING_WAITER_INTERVAL
                 );
             }
-            let waiter_poll = if relay.is_some() { WAITER_POLL } else { POLLING_WAITER_INTERVAL };
-            let tasks = relay.into_iter().collect();
-            serve(store, wakeups, waiter_poll, config, listeners, shutdown, background, tasks).await
+            serve(store, wakeups, config, listeners, shutdown, background, relay.into_iter().collect()).await
         }
         Backend::Sqlite => {
             let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
@@ -116,7 +114,7 @@ pub async fn run(
             if !config.no_migrate {
                 store.migrate().await.context("applying SQLite migrations")?;
             }
-            serve(store, wakeups, WAITER_POLL, config, listeners, shutdown, background, Vec::new()).await
+            serve(store, wakeups, config, listeners, shutdown, background, Vec::new()).await
         }
     }
 }
@@ -124,7 +122,6 @@ pub async fn run(
 async fn serve<S: Store>(
     store: S,
     wakeups: Arc<Wakeups>,
-    waiter_poll: Duration,
     config: ServeConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -163,7 +160,10 @@ async fn serve<S: Store>(
         store.clone(),
         wakeups,
         Arc::clone(&metrics),
-        Limits { waiter_poll, ..Limits::from(&config) },
+        Limits {
+            waiter_poll: if store.wakes_waiters() { WAITER_POLL } else { POLLING_WAITER_INTERVAL },
+            ..Limits::from(&config)
+        },
         stop_waiting.clone(),
     );
     let service = pb::idempotency_server::IdempotencyServer::new(service)

@@ -64,6 +64,12 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Deletes up to `limit` records past their `expires_at`.
     fn purge_expired(&self, limit: i64) -> impl Future<Output = Result<u64>> + Send;
 
+    /// Whether every transition that ends a lease wakes this replica's
+    /// waiters at once (else they find out by re-checking, more often).
+    fn wakes_waiters(&self) -> bool {
+        true
+    }
+
     /// Answers when the database answers: drives readiness.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 

@@ -101,12 +101,6 @@ impl PgStore {
         Ok(PgStore { batchers: Some(batchers), ..store })
     }
 
-    /// Whether waiters on other replicas hear of this replica's transitions
-    /// at once (LISTEN/NOTIFY); otherwise they find out by re-checking.
-    pub fn relays_wakeups(&self) -> bool {
-        self.direct.is_some()
-    }
-
     /// Applies pending migrations over the direct connection; concurrent
     /// replicas serialise on sqlx's advisory lock, which a transaction
     /// pooler would not keep.
@@ -563,6 +557,12 @@ impl Store for PgStore {
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
         self.session.execute(sqlx::query(PURGE).bind(limit)).await
+    }
+
+    /// Only with LISTEN: through a transaction pooler without a direct URL,
+    /// other replicas' transitions reach nobody here.
+    fn wakes_waiters(&self) -> bool {
+        self.direct.is_some()
     }
 
     async fn ping(&self) -> Result<()> {
