@@ -37,12 +37,28 @@ pub enum Backend {
     Postgres,
     /// Postgres with group commit of Begins on.
     PostgresBatched,
+    /// Postgres through PgBouncer in transaction mode (`--db-pooler
+    /// transaction`), with no direct URL: no LISTEN, waiters re-check.
+    PgBouncer,
+}
+
+/// The PgBouncer (transaction mode, in front of the same cluster) `scripts/test` started.
+pub fn pgbouncer_url() -> String {
+    std::env::var("IDEMD_TEST_PGBOUNCER_URL")
+        .expect("IDEMD_TEST_PGBOUNCER_URL is not set: run the tests with scripts/test")
 }
 
 /// The cluster `scripts/test` started; tests need it and say so loudly.
 pub fn admin_url() -> String {
     std::env::var("IDEMD_TEST_DATABASE_URL")
         .expect("IDEMD_TEST_DATABASE_URL is not set: run the tests with scripts/test")
+}
+
+/// The same database as `database_url`, reached through the test PgBouncer.
+pub fn pooled_url(database_url: &str) -> String {
+    let mut pooled = url::Url::parse(&pgbouncer_url()).expect("pgbouncer url");
+    pooled.set_path(url::Url::parse(database_url).expect("database url").path());
+    pooled.to_string()
 }
 
 /// Creates an empty Postgres database on the server at `admin` and returns its URL.
@@ -67,6 +83,8 @@ pub struct TestApp {
     pub client: IdempotencyClient<Channel>,
     pub database_url: String,
     pub backend: Backend,
+    /// What the server was started with, to start another replica like it.
+    pub config: ServeConfig,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -92,15 +110,27 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
             let dir = tempfile::tempdir().expect("temp dir");
             (format!("sqlite://{}", dir.path().join("idemd.db").display()), Some(dir))
         }
-        Backend::Postgres | Backend::PostgresBatched => (fresh_postgres_database(&admin_url()).await, None),
+        Backend::Postgres | Backend::PostgresBatched | Backend::PgBouncer => {
+            (fresh_postgres_database(&admin_url()).await, None)
+        }
     };
     let mut config = test_config(&database_url);
-    if backend == Backend::PostgresBatched {
-        config.database.group_commit_max_batch = 32;
+    match backend {
+        Backend::PostgresBatched => config.database.group_commit_max_batch = 32,
+        Backend::PgBouncer => {
+            // Migrations take a session lock, so they run on Postgres itself.
+            idemd::server::migrate(&config.database).await.expect("migrate the test database");
+            config.no_migrate = true;
+            config.database.db_pooler = idemd::config::DbPooler::Transaction;
+            config.database.database_url = DatabaseUrl::new(pooled_url(&database_url));
+        }
+        Backend::Sqlite | Backend::Postgres => {}
     }
     tweak(&mut config);
     let mut app = spawn_on(config).await;
     app.backend = backend;
+    // The tests' own reads and faults go to Postgres itself.
+    app.database_url = database_url;
     app._dir = dir;
     app
 }
@@ -117,6 +147,7 @@ pub async fn spawn_on_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> 
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let metrics_addr = metrics.local_addr().expect("addr");
     let database_url = config.database.database_url.expose().to_string();
+    let started_with = config.clone();
     let (tx, rx) = oneshot::channel::<()>();
     let listeners = idemd::server::Listeners { grpc: listener, metrics: Some(metrics) };
     let handle = tokio::spawn(idemd::server::run(config, listeners, async {
@@ -131,6 +162,7 @@ pub async fn spawn_on_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> 
         client: IdempotencyClient::new(channel),
         database_url,
         backend: Backend::Sqlite,
+        config: started_with,
         shutdown: Some(tx),
         handle: Some(handle),
         _dir: None,
@@ -185,7 +217,7 @@ impl TestApp {
     pub async fn row_count(&self, namespace: &str, key: &str) -> i64 {
         let sql = "SELECT COUNT(*) FROM idemd_records WHERE namespace = $1 AND key = $2";
         match self.backend {
-            Backend::Postgres | Backend::PostgresBatched => {
+            Backend::Postgres | Backend::PostgresBatched | Backend::PgBouncer => {
                 let mut c = sqlx::PgConnection::connect(&self.database_url).await.expect("connect");
                 sqlx::query_scalar(sql).bind(namespace).bind(key).fetch_one(&mut c).await.expect("count")
             }
@@ -332,6 +364,14 @@ macro_rules! both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::Backend::PostgresBatched).await
+                }
+            )*
+        }
+        mod pgbouncer {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::Backend::PgBouncer).await
                 }
             )*
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use idemd::config::DatabaseConfig;
+use idemd::config::{DatabaseConfig, DatabaseUrl};
 use idemd::pb;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -98,6 +98,50 @@ async fn invalid_settings_stop_start_up_naming_the_setting() {
         .await
         .expect_err("a lease default over 1 h is refused");
     assert!(error.to_string().contains("--default-lease-ttl"), "{error}");
+}
+
+/// Behind a transaction pooler, migrations need Postgres itself: without a
+/// direct URL, start-up says how to proceed instead of migrating through it.
+#[tokio::test]
+async fn a_transaction_pooler_without_a_direct_url_refuses_to_migrate() {
+    let database_url = fresh_postgres_database(&admin_url()).await;
+    let mut config = test_config(&pooled_url(&database_url));
+    config.database.db_pooler = idemd::config::DbPooler::Transaction;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listeners = idemd::server::Listeners { grpc, metrics: None };
+    let run = idemd::server::run(config, listeners, std::future::pending());
+    let error = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("start-up gives up at once")
+        .expect_err("no migrations through the pooler");
+    assert!(format!("{error:#}").contains("--direct-database-url"), "{error:#}");
+}
+
+/// With `--direct-database-url`, migrations and LISTEN go to Postgres
+/// itself and every call through the pooler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_pooler_with_a_direct_url_migrates_and_serves() {
+    let database_url = fresh_postgres_database(&admin_url()).await;
+    let mut config = test_config(&pooled_url(&database_url));
+    config.database.db_pooler = idemd::config::DbPooler::Transaction;
+    config.database.direct_database_url = Some(DatabaseUrl::new(database_url.clone()));
+    let app = spawn_on(config).await;
+    let lease = app.acquire(begin_req("k")).await;
+    app.complete("k", &lease.lease_token, b"through the pooler").await.expect("complete");
+    let record = app.lookup("k").await.expect("lookup");
+    assert_eq!(record.response, b"through the pooler");
+}
+
+#[test]
+fn pooler_settings_that_cannot_work_are_refused() {
+    let mut config = test_config("sqlite://x.db");
+    config.database.db_pooler = idemd::config::DbPooler::Transaction;
+    let error = config.validate().expect_err("no pooler in front of SQLite").to_string();
+    assert!(error.contains("--db-pooler"), "{error}");
+    let mut config = test_config("postgres://db/idemd");
+    config.database.direct_database_url = Some(DatabaseUrl::new("sqlite://x.db"));
+    let error = config.validate().expect_err("the direct URL is Postgres").to_string();
+    assert!(error.contains("--direct-database-url"), "{error}");
 }
 
 #[tokio::test]

@@ -56,7 +56,7 @@ async fn readiness_follows_a_postgres_outage_without_restart() {
 async fn hold_write_lock(app: &TestApp) -> Box<dyn std::any::Any + Send> {
     use sqlx::Connection;
     match app.backend {
-        Backend::Postgres | Backend::PostgresBatched => {
+        Backend::Postgres | Backend::PostgresBatched | Backend::PgBouncer => {
             let mut connection = sqlx::PgConnection::connect(&app.database_url).await.expect("connect");
             sqlx::query("BEGIN").execute(&mut connection).await.expect("begin");
             sqlx::query("LOCK TABLE idemd_records IN EXCLUSIVE MODE").execute(&mut connection).await.expect("lock");

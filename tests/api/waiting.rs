@@ -135,11 +135,11 @@ crate::both_stores!(
     waiter_with_another_fingerprint_is_rejected_at_once,
 );
 
-/// Two replicas on one Postgres: a Complete on one wakes a waiter on the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_waiter_is_woken_by_a_completion_on_another_replica() {
-    let a = spawn_app(Backend::Postgres).await;
-    let b = spawn_on(test_config(&a.database_url)).await;
+/// Two replicas on one Postgres: a Complete on one wakes a waiter on the
+/// other (by NOTIFY; through PgBouncer without LISTEN, by re-checking).
+async fn waiter_is_woken_by_a_completion_on_another_replica(backend: Backend) {
+    let a = spawn_app(backend).await;
+    let b = spawn_on(a.config.clone()).await;
     let holder = a.acquire(begin_req("k")).await;
     let mut client = b.client.clone();
     let waiter = tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
@@ -152,4 +152,14 @@ async fn postgres_waiter_is_woken_by_a_completion_on_another_replica() {
         panic!("expected the replay, got {outcome:?}");
     };
     assert_eq!(replay.response, b"paid on a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_waiter_is_woken_by_a_completion_on_another_replica() {
+    waiter_is_woken_by_a_completion_on_another_replica(Backend::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbouncer_waiter_is_woken_by_a_completion_on_another_replica() {
+    waiter_is_woken_by_a_completion_on_another_replica(Backend::PgBouncer).await
 }
