@@ -120,6 +120,16 @@ impl PgTarget {
         self.epoch.elapsed().saturating_sub(moved)
     }
 
+    /// A one-row, one-boolean query: whether this session may still be used
+    /// (for readiness: a session that turned read-only is not ready).
+    pub fn usable_session_query(&self) -> &'static str {
+        match self.url.attrs {
+            SessionAttrs::Any => "SELECT true",
+            SessionAttrs::ReadWrite => "SELECT current_setting('transaction_read_only') = 'off'",
+            SessionAttrs::Primary => "SELECT NOT pg_is_in_recovery()",
+        }
+    }
+
     /// Something suggests the primary moved: a failed or refused connection,
     /// a read-only session. The watcher probes the hosts again.
     pub fn suspect(&self) {

@@ -566,12 +566,19 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<()> {
+        let target = self.session.target();
+        let check = self.session.fetch_optional(sqlx::query(target.usable_session_query()));
         // A ping that hangs (connections refused, a host gone silent) also
         // makes a multi-host target look for the primary again.
-        match tokio::time::timeout(PING_PATIENCE, self.session.execute(sqlx::query("SELECT 1"))).await {
-            Ok(result) => result.map(drop),
+        match tokio::time::timeout(PING_PATIENCE, check).await {
+            Ok(Ok(Some(row))) if row.try_get::<bool, _>(0)? => Ok(()),
+            Ok(Ok(_)) => {
+                target.suspect();
+                Err(Error::StoreUnavailable(sqlx::Error::Protocol("the database session is read-only".into())))
+            }
+            Ok(Err(error)) => Err(error),
             Err(_) => {
-                self.session.target().suspect();
+                target.suspect();
                 Err(Error::StoreTimeout)
             }
         }

@@ -13,6 +13,7 @@
 mod pg_cluster;
 
 mod history;
+mod hosts;
 mod proxy;
 mod replicas;
 
