@@ -12,8 +12,10 @@
 #[path = "../common/pg_cluster.rs"]
 mod pg_cluster;
 
+mod failover;
 mod history;
 mod hosts;
+mod patroni;
 mod proxy;
 mod replicas;
 
@@ -249,6 +251,7 @@ async fn faults_never_break_the_invariants() {
     }
     let proxy = Proxy::start(format!("127.0.0.1:{}", cluster.port).parse().expect("addr")).await;
     let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
+    let database_url = format!("postgres://postgres@127.0.0.1:{}/{database}", cluster.port);
     let mut replicas = Replicas::start(REPLICAS, &via_proxy).await;
     let shared = Arc::new(Shared {
         history: History::default(),
@@ -311,21 +314,51 @@ async fn faults_never_break_the_invariants() {
         eprintln!("          recovered in {took:.2?}");
         recoveries.push(took);
     }
+    let report = finish(&shared, clients, &mut replicas, &mut probe, recoveries, &database_url).await;
+    println!(
+        "faults: {} operations, {faults} faults, {} violations, {:.1} s max recovery",
+        report.operations,
+        report.violations,
+        report.max_recovery.as_secs_f64()
+    );
+    println!("run: {:.0?}", run_started.elapsed());
+    assert_eq!(report.violations, 0, "invariants violated: see the table above");
+    assert!(report.acquired > 50, "the load was too light to prove anything ({} acquisitions)", report.acquired);
+}
+
+/// What a run with faults comes to.
+struct Report {
+    pub operations: usize,
+    pub acquired: usize,
+    pub violations: usize,
+    pub max_recovery: Duration,
+    pub events: Vec<Event>,
+    pub checked: history::Checked,
+}
+
+/// Stops the clients, lets every crashed lease be reaped, stops the
+/// replicas, reads the final rows at `database_url` and checks the history,
+/// printing the table of invariants.
+async fn finish(
+    shared: &Shared,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    replicas: &mut Replicas,
+    probe: &mut u64,
+    mut recoveries: Vec<Duration>,
+    database_url: &str,
+) -> Report {
     shared.stop.store(true, Ordering::SeqCst);
     for client in clients {
         let _ = tokio::time::timeout(Duration::from_secs(30), client).await;
     }
-    recoveries.push(recover(&shared, &mut probe).await);
+    recoveries.push(recover(shared, probe).await);
     // Let every crashed lease expire and be reaped, so the logs are complete.
     tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
     replicas.stop_all().await;
 
     let mut final_rows = HashMap::new();
     {
-        let mut connection =
-            sqlx::PgConnection::connect(&format!("postgres://postgres@127.0.0.1:{}/{database}", cluster.port))
-                .await
-                .expect("connect");
+        let mut connection = sqlx::PgConnection::connect(database_url).await.expect("connect");
         let rows = sqlx::query("SELECT key, state, attempt, response FROM idemd_records WHERE namespace = $1")
             .bind(NAMESPACE)
             .fetch_all(&mut connection)
@@ -353,8 +386,6 @@ async fn faults_never_break_the_invariants() {
         &recoveries,
         RECOVERY_BOUND,
     );
-
-    let max_recovery = recoveries.iter().max().copied().unwrap_or_default();
     println!();
     println!("{:<62} {:>8} {:>10}", "invariant", "checked", "violations");
     for invariant in &checked.invariants {
@@ -365,18 +396,13 @@ async fn faults_never_break_the_invariants() {
     }
     let acquired = events.iter().filter(|e| matches!(e.answer, Answer::Acquired { .. })).count();
     let errors = events.iter().filter(|e| matches!(e.answer, Answer::Error { .. })).count();
-    println!(
-        "calls: {} ({acquired} acquired, {errors} errors), keys: {}, run: {:.0?}",
-        events.len(),
-        final_rows.len(),
-        run_started.elapsed()
-    );
-    println!(
-        "faults: {} operations, {faults} faults, {} violations, {:.1} s max recovery",
-        events.len(),
-        checked.violations(),
-        max_recovery.as_secs_f64()
-    );
-    assert_eq!(checked.violations(), 0, "invariants violated: see the table above");
-    assert!(acquired > 50, "the load was too light to prove anything ({acquired} acquisitions)");
+    println!("calls: {} ({acquired} acquired, {errors} errors), keys: {}", events.len(), final_rows.len());
+    Report {
+        operations: events.len(),
+        acquired,
+        violations: checked.violations(),
+        max_recovery: recoveries.iter().max().copied().unwrap_or_default(),
+        events,
+        checked,
+    }
 }
