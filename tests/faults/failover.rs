@@ -78,12 +78,13 @@ async fn failover_loses_nothing_and_acquires_nothing_twice() {
     // were sent; a run of failures lasts from the first one's sending to
     // the answer of the next Begin that succeeded.
     let mut unavailable = Duration::ZERO;
-    for killed in &kills {
+    for (i, killed) in kills.iter().enumerate() {
+        // Up to the next kill, so each failover is measured on its own.
+        let until = kills.get(i + 1).copied().unwrap_or(*killed + chrono::Duration::seconds(60));
         let mut around: Vec<_> = report
             .events
             .iter()
-            .filter(|e| matches!(e.call, Call::Begin) && e.received >= *killed)
-            .filter(|e| e.sent <= *killed + chrono::Duration::seconds(60))
+            .filter(|e| matches!(e.call, Call::Begin) && e.received >= *killed && e.sent < until)
             .collect();
         around.sort_by_key(|e| e.sent);
         let (mut run_from, mut longest) = (None, Duration::ZERO);
