@@ -24,6 +24,10 @@ pub enum Mode {
     Pairs,
     /// Begin only.
     Begin,
+    /// Parked waiters: the bench holds one key and every worker sends a
+    /// Begin for it with `wait_timeout` (the rest of `--duration`, at most
+    /// 60 s), again and again; for measuring what waiting callers cost.
+    Park,
 }
 
 /// Settings of `idemd bench`.
@@ -141,7 +145,66 @@ impl Shared {
     }
 }
 
+/// The key park mode holds and waits on.
+const PARKING_KEY: &str = "parked";
+
+/// One Begin after another on the held key, each waiting until `until`.
+async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histogram<u64>, Histogram<u64>) {
+    let mut client = IdempotencyClient::new(channel);
+    let mut latency = histogram();
+    let tally = &shared.tally;
+    loop {
+        let left = until.saturating_duration_since(Instant::now()).min(crate::config::MAX_WAIT_TIMEOUT);
+        if left < Duration::from_millis(100) {
+            break;
+        }
+        let begin = pb::BeginRequest {
+            namespace: shared.config.namespace.clone(),
+            key: format!("{}-{PARKING_KEY}", shared.run),
+            fingerprint: b"bench".to_vec(),
+            wait_timeout: Some(pb::duration(left)),
+            ..Default::default()
+        };
+        let mut request = shared.request(begin);
+        request.set_timeout(left + Duration::from_secs(10));
+        let started = Instant::now();
+        let outcome = client.begin(request).await;
+        let _ = latency.record(started.elapsed().as_micros() as u64);
+        tally.begins.fetch_add(1, Ordering::Relaxed);
+        match outcome.map(|r| r.into_inner().outcome) {
+            Ok(Some(Outcome::InProgress(_))) => tally.in_progress.fetch_add(1, Ordering::Relaxed),
+            Ok(Some(Outcome::Completed(_))) => tally.completed.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => tally.acquired.fetch_add(1, Ordering::Relaxed),
+            Err(status) => {
+                tally.error(&status);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                0
+            }
+        };
+    }
+    (latency, histogram())
+}
+
+/// Park mode: takes the lease every worker will wait on, for the whole run.
+async fn hold_parking_key(shared: &Shared, channel: Channel) -> anyhow::Result<()> {
+    let lease_ttl = (shared.config.duration + Duration::from_secs(60)).min(crate::config::MAX_LEASE_TTL);
+    let begin = pb::BeginRequest {
+        namespace: shared.config.namespace.clone(),
+        key: format!("{}-{PARKING_KEY}", shared.run),
+        fingerprint: b"bench".to_vec(),
+        lease_ttl: Some(pb::duration(lease_ttl)),
+        ..Default::default()
+    };
+    match IdempotencyClient::new(channel).begin(shared.request(begin)).await?.into_inner().outcome {
+        Some(Outcome::Acquired(_)) => Ok(()),
+        other => anyhow::bail!("could not take the key the waiters park on: {other:?}"),
+    }
+}
+
 async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histogram<u64>, Histogram<u64>) {
+    if shared.config.mode == Mode::Park {
+        return parked_worker(shared, channel, until).await;
+    }
     let mut client = IdempotencyClient::new(channel);
     let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
@@ -226,6 +289,9 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
         payload: vec![b'x'; config.payload_bytes],
         config: config.clone(),
     });
+    if config.mode == Mode::Park {
+        hold_parking_key(&shared, channels[0].clone()).await?;
+    }
     let started = Instant::now();
     let until = started + config.duration;
     let workers: Vec<_> = (0..config.concurrency)
@@ -241,7 +307,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let counted = match shared.config.mode {
                     Mode::Pairs => shared.tally.pairs.load(Ordering::Relaxed),
-                    Mode::Begin => shared.tally.begins.load(Ordering::Relaxed),
+                    Mode::Begin | Mode::Park => shared.tally.begins.load(Ordering::Relaxed),
                 };
                 let rate = (counted - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), counted);

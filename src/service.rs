@@ -25,9 +25,13 @@ use crate::pb;
 use crate::store::Store;
 use crate::wakeups::Wakeups;
 
-/// A waiter re-checks its key at least this often even without a wake-up:
-/// the safety net under the notifications.
-pub const WAITER_POLL: Duration = Duration::from_secs(2);
+/// A waiter re-checks its key about this often even without a wake-up: the
+/// safety net under the notifications, which are reliable on their own
+/// (in-process on SQLite; on Postgres a listener that loses its connection,
+/// or stops answering its liveness check, wakes every waiter). Rare, because
+/// every re-check is a statement: 10,000 waiters at 2 s were 5,000
+/// statements a second. Each waiter's interval is jittered by ±25 %.
+pub const WAITER_POLL: Duration = Duration::from_secs(20);
 /// The same when no notification can arrive from other replicas (a
 /// transaction pooler and no direct connection for LISTEN): the re-check is
 /// then how a waiter learns of another replica's Complete.
@@ -49,6 +53,10 @@ pub struct Limits {
     pub rate_limit_per_namespace: u32,
     /// How often a parked waiter re-checks its key without a wake-up.
     pub waiter_poll: Duration,
+    /// Store calls in progress at once: enough to keep every pooled
+    /// connection (and group commit's batches) busy, few enough that a
+    /// burst waits as small handlers rather than as queued store futures.
+    pub store_concurrency: usize,
 }
 
 impl From<&ServeConfig> for Limits {
@@ -65,8 +73,17 @@ impl From<&ServeConfig> for Limits {
             max_waiters_per_namespace: config.max_waiters_per_namespace,
             rate_limit_per_namespace: config.rate_limit_per_namespace,
             waiter_poll: WAITER_POLL,
+            store_concurrency: store_concurrency(&config.database),
         }
     }
+}
+
+/// Store calls admitted at once: eight per pooled connection (a call also
+/// spends time outside the database: the pool, decoding, group commit's
+/// queue), and never fewer than a full group commit batch per worker.
+pub fn store_concurrency(database: &crate::config::DatabaseConfig) -> usize {
+    let per_connection = database.db_max_connections as usize * 8;
+    per_connection.max(database.group_commit_max_batch * 4)
 }
 
 pub struct IdempotencyService<S> {
@@ -76,6 +93,8 @@ pub struct IdempotencyService<S> {
     limits: Limits,
     waiter_limits: Arc<WaiterLimits>,
     rate_limiter: Option<RateLimiter>,
+    /// Store calls in progress at once (see `bounded`).
+    store_slots: tokio::sync::Semaphore,
     /// Cancelled when shutdown begins: parked waiters answer at once instead
     /// of holding the drain for up to a minute.
     stop_waiting: CancellationToken,
@@ -91,7 +110,8 @@ impl<S: Store> IdempotencyService<S> {
     ) -> Self {
         let waiter_limits = WaiterLimits::new(limits.max_waiters, limits.max_waiters_per_namespace);
         let rate_limiter = RateLimiter::new(limits.rate_limit_per_namespace);
-        IdempotencyService { store, wakeups, metrics, limits, waiter_limits, rate_limiter, stop_waiting }
+        let store_slots = tokio::sync::Semaphore::new(limits.store_concurrency);
+        IdempotencyService { store, wakeups, metrics, limits, waiter_limits, rate_limiter, store_slots, stop_waiting }
     }
 
     /// After the fields are valid and before the store: is this caller
@@ -114,24 +134,34 @@ impl<S: Store> IdempotencyService<S> {
     /// in a child span named after the store method. A call cut short may
     /// still take effect in the database: the caller gets an error and must
     /// not proceed (fail closed).
-    async fn bounded<T>(
+    ///
+    /// At most `store_slots` calls are in the store at once; the others wait
+    /// here (within the same bounds) before their store future exists. A
+    /// burst of thousands of Begins then costs thousands of small waiting
+    /// handlers, not thousands of store futures (over 9 KiB each on
+    /// Postgres) queued for a connection. The future is boxed for the same
+    /// reason: a Begin parked between calls carries a pointer, not room for it.
+    async fn bounded<T, F: Future<Output = Result<T>>>(
         &self,
         operation: &'static str,
         deadline: Option<Instant>,
-        call: impl Future<Output = Result<T>>,
+        call: impl FnOnce() -> F,
     ) -> Result<T> {
         let span = tracing::info_span!("store", otel.name = store_span_name(operation), db.operation = operation);
         let store_limit = Instant::now() + self.limits.store_timeout;
-        let result = async {
-            match deadline {
-                Some(deadline) if deadline < store_limit => {
-                    tokio::time::timeout_at(deadline, call).await.unwrap_or(Err(Error::DeadlineExceeded))
-                }
-                _ => tokio::time::timeout_at(store_limit, call).await.unwrap_or(Err(Error::StoreTimeout)),
-            }
-        }
-        .instrument(span)
-        .await;
+        let (limit, callers_deadline) = match deadline {
+            Some(deadline) if deadline < store_limit => (deadline, true),
+            _ => (store_limit, false),
+        };
+        let run = async {
+            let _slot = self.store_slots.acquire().await.map_err(|_| Error::Internal("store slots closed".into()))?;
+            Box::pin(call()).await
+        };
+        let result = tokio::time::timeout_at(limit, run).instrument(span).await.unwrap_or(Err(if callers_deadline {
+            Error::DeadlineExceeded
+        } else {
+            Error::StoreTimeout
+        }));
         if let Err(error) = &result {
             self.metrics.store_error(error);
         }
@@ -147,14 +177,14 @@ impl<S: Store> IdempotencyService<S> {
         deadline: Option<Instant>,
     ) -> Result<BeginOutcome> {
         let Some(wait_until) = wait_until else {
-            return self.bounded("begin", deadline, self.store.begin(request)).await;
+            return self.bounded("begin", deadline, || self.store.begin(request)).await;
         };
         // Subscribed before the first attempt: a wake-up between the attempt
         // and the wait is not lost.
         let mut subscription = self.wakeups.subscribe(&request.id);
         let mut parked = None;
         loop {
-            let outcome = self.bounded("begin", deadline, self.store.begin(request)).await?;
+            let outcome = self.bounded("begin", deadline, || self.store.begin(request)).await?;
             let BeginOutcome::InProgress(busy) = &outcome else {
                 return Ok(outcome);
             };
@@ -168,7 +198,8 @@ impl<S: Store> IdempotencyService<S> {
             // Wake at the latest when the holder's lease runs out (it may be
             // taken over then), or for the periodic re-check.
             let lease_end = now + busy.lease_remaining + Duration::from_millis(1);
-            let recheck = wait_until.min(lease_end).min(now + self.limits.waiter_poll);
+            let poll = self.limits.waiter_poll.mul_f64(rand::random_range(0.75..1.25));
+            let recheck = wait_until.min(lease_end).min(now + poll);
             tokio::select! {
                 _ = subscription.woken() => {}
                 _ = tokio::time::sleep_until(recheck) => {}
@@ -412,7 +443,7 @@ impl<S: Store> IdempotencyService<S> {
             response_code: message.response_code,
             content_type: message.content_type,
         };
-        let completion = self.bounded("complete", deadline, self.store.complete(&request)).await?;
+        let completion = self.bounded("complete", deadline, || self.store.complete(&request)).await?;
         Ok(Reply {
             message: pb::CompleteResponse {
                 completed_at: Some(timestamp(completion.completed_at)),
@@ -435,7 +466,7 @@ impl<S: Store> IdempotencyService<S> {
             return Err(Error::invalid("reason", "reason contains a NUL character"));
         }
         self.admit(principal.as_ref(), &id.namespace)?;
-        self.bounded("abort", deadline, self.store.abort(&id, &message.lease_token, &message.reason)).await?;
+        self.bounded("abort", deadline, || self.store.abort(&id, &message.lease_token, &message.reason)).await?;
         Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
     }
 
@@ -453,7 +484,7 @@ impl<S: Store> IdempotencyService<S> {
         let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
         self.admit(principal.as_ref(), &id.namespace)?;
         let lease_expires_at =
-            self.bounded("heartbeat", deadline, self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
+            self.bounded("heartbeat", deadline, || self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
         Ok(Reply {
             message: pb::HeartbeatResponse { lease_expires_at: Some(timestamp(lease_expires_at)) },
             outcome: "extended",
@@ -472,7 +503,7 @@ impl<S: Store> IdempotencyService<S> {
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
         self.admit(principal.as_ref(), &id.namespace)?;
-        let record = self.bounded("lookup", deadline, self.store.lookup(&id)).await?;
+        let record = self.bounded("lookup", deadline, || self.store.lookup(&id)).await?;
         let attempt = record.attempt;
         Ok(Reply {
             message: pb::LookupResponse { record: Some(encode_record(record)) },

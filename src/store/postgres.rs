@@ -152,6 +152,10 @@ impl PgStore {
     }
 }
 
+/// How long the listener may sit idle before it checks its connection: a
+/// connection that died silently would otherwise lose every NOTIFY.
+const LISTENER_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &CancellationToken) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(WAKE_CHANNEL).await?;
@@ -165,6 +169,15 @@ async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &Cancell
                 // The connection dropped; the next try_recv reconnects and re-listens.
                 None => wakeups.wake_all(),
             },
+            _ = tokio::time::sleep(LISTENER_CHECK_EVERY) => {
+                use sqlx::Executor;
+                match tokio::time::timeout(LISTENER_CHECK_EVERY, (&mut listener).execute("SELECT 1")).await {
+                    Ok(result) => {
+                        result?;
+                    }
+                    Err(_) => return Err(sqlx::Error::Protocol("the LISTEN connection stopped answering".into())),
+                }
+            }
         }
     }
 }
