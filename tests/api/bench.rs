@@ -34,6 +34,35 @@ async fn bench_reports_throughput_and_no_errors() {
     assert!(idemd::bench::render(&report).contains("pairs/s"));
 }
 
+/// Park mode: the bench holds a key and every worker waits on it until the
+/// end, so each Begin answers `in_progress` after its wait, never an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_park_mode_parks_waiters_until_the_end() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let config = BenchConfig {
+        addr: format!("http://{}", app.addr),
+        concurrency: 50,
+        duration: Duration::from_secs(2),
+        keys: 1,
+        duplicate_ratio: 0.0,
+        payload_bytes: 0,
+        namespace: "bench".into(),
+        mode: Mode::Park,
+        channels: Some(2),
+        token: None,
+        json: true,
+    };
+    let parked = tokio::spawn(idemd::bench::run(config));
+    eventually("50 waiters parked", Duration::from_secs(10), || async {
+        (scrape(app.metrics_addr).await.get("idemd_waiters").copied() == Some(50.0)).then_some(())
+    })
+    .await;
+    let report = parked.await.expect("task").expect("bench runs");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["outcomes"]["in_progress"].as_u64().is_some_and(|n| n >= 50), "{report}");
+    assert_eq!(report["outcomes"]["acquired"], 0, "nobody takes the held key: {report}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_command_prints_one_json_object() {
     let app = spawn_app(Backend::Sqlite).await;

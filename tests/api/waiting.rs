@@ -15,7 +15,8 @@ fn waiting(key: &str, wait: Duration) -> idemd::pb::BeginRequest {
     request
 }
 
-/// The safety-net poll is 2 s: a waiter answering well before that was woken.
+/// The safety-net poll is 15–25 s (250 ms through a pooler without LISTEN):
+/// a waiter answering well before that was woken.
 const PROMPT: Duration = Duration::from_millis(1500);
 
 async fn waiter_receives_the_holders_completion(backend: Backend) {
