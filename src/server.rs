@@ -250,7 +250,11 @@ async fn serve<S: Store>(
             _ => {}
         }
     }
-    store.close().await;
+    // Connections still busy with a host that went silent may never come
+    // back to the pool: the process exits without them.
+    if tokio::time::timeout(TASK_STOP_TIMEOUT, store.close()).await.is_err() {
+        tracing::warn!("database connections did not close in time");
+    }
     metrics.shutdown();
     tracing::info!("idemd stopped");
     result

@@ -12,14 +12,16 @@
 //! statement itself, and so every rule of API.md, is the same.
 //!
 //! Either way a failure that suggests the primary moved tells the
-//! [`PgTarget`], which re-probes the hosts of a multi-host URL.
+//! [`PgTarget`], which re-probes the hosts of a multi-host URL, and a
+//! statement cut short closes its connection rather than returning it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgPool, PgRow};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow};
 use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, Postgres};
+use sqlx::{AssertSqlSafe, Connection, Postgres};
 
 use super::pg_target::PgTarget;
 use crate::error::Result;
@@ -56,54 +58,63 @@ impl PgSession {
     }
 
     pub async fn fetch_optional(&self, query: PgQuery<'_>) -> Result<Option<PgRow>> {
-        let result = match &self.pooled_begin {
-            None => query.fetch_optional(&self.pool).await,
+        let result = self.run(async |connection, pooled| match pooled {
+            None => query.fetch_optional(connection).await,
             Some(begin) => {
-                async {
-                    let mut transaction = self.pool.begin_with(AssertSqlSafe(Arc::clone(begin))).await?;
-                    let row = query.persistent(false).fetch_optional(&mut *transaction).await?;
-                    transaction.commit().await?;
-                    Ok(row)
-                }
-                .await
+                let mut transaction = connection.begin_with(AssertSqlSafe(begin)).await?;
+                let row = query.persistent(false).fetch_optional(&mut *transaction).await?;
+                transaction.commit().await?;
+                Ok(row)
             }
-        };
-        self.checked(result)
+        });
+        self.checked(result.await)
     }
 
     pub async fn fetch_all(&self, query: PgQuery<'_>) -> Result<Vec<PgRow>> {
-        let result = match &self.pooled_begin {
-            None => query.fetch_all(&self.pool).await,
+        let result = self.run(async |connection, pooled| match pooled {
+            None => query.fetch_all(connection).await,
             Some(begin) => {
-                async {
-                    let mut transaction = self.pool.begin_with(AssertSqlSafe(Arc::clone(begin))).await?;
-                    let rows = query.persistent(false).fetch_all(&mut *transaction).await?;
-                    transaction.commit().await?;
-                    Ok(rows)
-                }
-                .await
+                let mut transaction = connection.begin_with(AssertSqlSafe(begin)).await?;
+                let rows = query.persistent(false).fetch_all(&mut *transaction).await?;
+                transaction.commit().await?;
+                Ok(rows)
             }
-        };
-        self.checked(result)
+        });
+        self.checked(result.await)
     }
 
     /// Rows affected.
     pub async fn execute(&self, query: PgQuery<'_>) -> Result<u64> {
-        let result = match &self.pooled_begin {
-            None => query.execute(&self.pool).await.map(|done| done.rows_affected()),
+        let result = self.run(async |connection, pooled| match pooled {
+            None => query.execute(connection).await.map(|done| done.rows_affected()),
             Some(begin) => {
-                async {
-                    let mut transaction = self.pool.begin_with(AssertSqlSafe(Arc::clone(begin))).await?;
-                    let done = query.persistent(false).execute(&mut *transaction).await?;
-                    transaction.commit().await?;
-                    Ok(done.rows_affected())
-                }
-                .await
+                let mut transaction = connection.begin_with(AssertSqlSafe(begin)).await?;
+                let done = query.persistent(false).execute(&mut *transaction).await?;
+                transaction.commit().await?;
+                Ok(done.rows_affected())
             }
-        };
-        self.checked(result)
+        });
+        self.checked(result.await)
     }
 
+    /// Runs `work` on a pooled connection. The connection goes back to the
+    /// pool only when the work finished (or Postgres answered it with an
+    /// error); a statement cut short (the caller's timeout, a failed socket)
+    /// closes it instead, within sqlx's 5 s close timeout. Returned, sqlx
+    /// would first check it with a round trip that has no timeout: against a
+    /// host that went silent that holds the pool slot until TCP gives up.
+    async fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection, Option<Arc<str>>) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let mut guard = CloseUnlessReturned(Some(self.pool.acquire().await?));
+        let connection = guard.0.as_deref_mut().ok_or(sqlx::Error::PoolClosed)?;
+        let result = work(connection, self.pooled_begin.clone()).await;
+        if matches!(result, Ok(_) | Err(sqlx::Error::Database(_))) {
+            drop(guard.0.take());
+        }
+        result
+    }
     fn checked<T>(&self, result: Result<T, sqlx::Error>) -> Result<T> {
         if let Err(error) = &result
             && primary_may_have_moved(error)
@@ -111,6 +122,17 @@ impl PgSession {
             self.target.suspect();
         }
         Ok(result?)
+    }
+}
+
+/// Holds a connection that is closed, not returned, if dropped while still held.
+struct CloseUnlessReturned(Option<PoolConnection<Postgres>>);
+
+impl Drop for CloseUnlessReturned {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.as_mut() {
+            connection.close_on_drop();
+        }
     }
 }
 

@@ -14,22 +14,26 @@
 //! own connection handling is used unchanged.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Row};
+use std::time::Instant;
+
 use tokio::sync::Notify;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::pg_url::{PgUrl, SessionAttrs};
 use crate::error::{Error, Result};
 
-/// The longest one host may take to accept a connection and answer the session check.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Between two rounds of probing while no host qualifies.
+/// The shortest time one host gets to accept a connection and answer the
+/// session check (half of `--store-timeout` when that is longer).
+const MIN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Between two rounds of probing while no host qualifies, and at least
+/// between any two rounds: a storm of failures probes the hosts five times
+/// a second, not once per failure.
 const RETRY_EVERY: Duration = Duration::from_millis(200);
 
 pub struct PgTarget {
@@ -38,9 +42,14 @@ pub struct PgTarget {
     /// Index into `hosts` the pools use now.
     current: AtomicUsize,
     pools: Mutex<Vec<PgPool>>,
-    /// Milliseconds after `epoch` at which the pools last moved to another host.
-    moved_at_ms: AtomicU64,
+    /// Microseconds after `epoch` at which the pools last moved to another host.
+    moved_at_us: AtomicU64,
+    /// How many times the pools moved: a LISTEN connection opened before a
+    /// move listens to a server that no longer takes the writes.
+    moves: AtomicU64,
     epoch: Instant,
+    probe_timeout: Duration,
+    watching: AtomicBool,
     suspect: Arc<Notify>,
     /// Ends the watcher when the last store holding this target is dropped.
     stop: CancellationToken,
@@ -49,7 +58,11 @@ pub struct PgTarget {
 
 impl PgTarget {
     /// Parses the URL; `customize` applies idemd's own settings to every host's options.
-    pub fn new(url: &str, customize: impl Fn(PgConnectOptions) -> PgConnectOptions) -> Result<Arc<PgTarget>> {
+    pub fn new(
+        url: &str,
+        store_timeout: Duration,
+        customize: impl Fn(PgConnectOptions) -> PgConnectOptions,
+    ) -> Result<Arc<PgTarget>> {
         let url = PgUrl::parse(url).map_err(|e| Error::StoreUnavailable(sqlx::Error::Configuration(e.into())))?;
         let hosts = url
             .per_host_urls()
@@ -62,8 +75,11 @@ impl PgTarget {
             hosts,
             current: AtomicUsize::new(0),
             pools: Mutex::new(Vec::new()),
-            moved_at_ms: AtomicU64::new(0),
+            moved_at_us: AtomicU64::new(0),
+            moves: AtomicU64::new(0),
             epoch: Instant::now(),
+            probe_timeout: (store_timeout / 2).max(MIN_PROBE_TIMEOUT),
+            watching: AtomicBool::new(false),
             suspect: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
             locating: tokio::sync::Mutex::new(()),
@@ -82,13 +98,30 @@ impl PgTarget {
 
     /// A pool that follows this target: checked sessions, moved with the primary.
     pub fn pool(self: &Arc<Self>, options: PgPoolOptions) -> PgPool {
+        let pool = self.checked(options).connect_lazy_with(self.options());
+        if self.is_located() {
+            self.pools.lock().unwrap_or_else(PoisonError::into_inner).push(pool.clone());
+        }
+        pool
+    }
+
+    /// A one-connection pool on the host in use now, with checked sessions,
+    /// that does not follow later moves: for a LISTEN session, which is
+    /// replaced as a whole when the primary moves. Whatever hangs in it (a
+    /// silent host) holds nothing another caller needs.
+    pub fn one_off_pool(self: &Arc<Self>, acquire_timeout: Duration) -> PgPool {
+        let options = PgPoolOptions::new().max_connections(1).acquire_timeout(acquire_timeout);
+        self.checked(options).connect_lazy_with(self.options())
+    }
+
+    fn checked(self: &Arc<Self>, options: PgPoolOptions) -> PgPoolOptions {
         if !self.is_located() {
-            return options.connect_lazy_with(self.options());
+            return options;
         }
         let attrs = self.url.attrs;
         let on_connect = Arc::downgrade(self);
         let on_acquire = Arc::downgrade(self);
-        let pool = options
+        options
             .after_connect(move |connection, _| {
                 let target = on_connect.clone();
                 Box::pin(async move {
@@ -110,23 +143,33 @@ impl PgTarget {
                 let fresh = on_acquire.upgrade().is_none_or(|target| meta.age < target.since_move());
                 Box::pin(async move { Ok(fresh) })
             })
-            .connect_lazy_with(self.options());
-        self.pools.lock().unwrap_or_else(PoisonError::into_inner).push(pool.clone());
-        pool
     }
 
     fn since_move(&self) -> Duration {
-        let moved = Duration::from_millis(self.moved_at_ms.load(Ordering::Acquire));
+        let moved = Duration::from_micros(self.moved_at_us.load(Ordering::Acquire));
         self.epoch.elapsed().saturating_sub(moved)
+    }
+
+    /// How many times the pools moved to another host so far.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Acquire)
+    }
+
+    /// The host at `index` as written, for logs.
+    fn host_name(&self, index: usize) -> String {
+        self.url.hosts.get(index).map(ToString::to_string).unwrap_or_else(|| "the default host".into())
     }
 
     /// A one-row, one-boolean query: whether this session may still be used
     /// (for readiness: a session that turned read-only is not ready).
+    /// idemd writes, so a read-only session is never usable, whatever
+    /// `target_session_attrs` says.
     pub fn usable_session_query(&self) -> &'static str {
         match self.url.attrs {
-            SessionAttrs::Any => "SELECT true",
-            SessionAttrs::ReadWrite => "SELECT current_setting('transaction_read_only') = 'off'",
-            SessionAttrs::Primary => "SELECT NOT pg_is_in_recovery()",
+            SessionAttrs::Any | SessionAttrs::ReadWrite => "SELECT current_setting('transaction_read_only') = 'off'",
+            SessionAttrs::Primary => {
+                "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+            }
         }
     }
 
@@ -147,22 +190,25 @@ impl PgTarget {
         let _one_at_a_time = self.locating.lock().await;
         let mut last_error = None;
         for (index, options) in self.hosts.iter().enumerate() {
-            match probe(options, self.url.attrs).await {
+            match probe(options, self.url.attrs, self.probe_timeout).await {
                 Ok(true) => {
                     let previous = self.current.swap(index, Ordering::AcqRel);
                     if previous != index {
-                        let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-                        self.moved_at_ms.store(now_ms, Ordering::Release);
+                        // New options first, then the move's time: a connection
+                        // opened with the old options is never younger than the move.
                         for pool in self.pools.lock().unwrap_or_else(PoisonError::into_inner).iter() {
                             pool.set_connect_options(options.clone());
                         }
-                        tracing::warn!(host = %self.url.hosts[index], "database connections now go to this host");
+                        let now_us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        self.moved_at_us.store(now_us, Ordering::Release);
+                        self.moves.fetch_add(1, Ordering::AcqRel);
+                        tracing::warn!(host = %self.host_name(index), "database connections now go to this host");
                     }
                     return Ok(());
                 }
-                Ok(false) => tracing::debug!(host = %self.url.hosts[index], "host does not qualify"),
+                Ok(false) => tracing::debug!(host = %self.host_name(index), "host does not qualify"),
                 Err(error) => {
-                    tracing::debug!(host = %self.url.hosts[index], %error, "host unreachable");
+                    tracing::debug!(host = %self.host_name(index), %error, "host unreachable");
                     last_error = Some(error);
                 }
             }
@@ -178,7 +224,7 @@ impl PgTarget {
     /// retrying while no host qualifies. Ends with [`PgTarget::stop`] or
     /// when every store holding this target is gone.
     pub fn spawn_watcher(self: &Arc<Self>) {
-        if !self.is_located() {
+        if !self.is_located() || self.watching.swap(true, Ordering::AcqRel) {
             return;
         }
         let target = Arc::downgrade(self);
@@ -194,6 +240,10 @@ impl PgTarget {
                     }
                 }
                 drop(this);
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
                 tokio::select! {
                     _ = suspect.notified() => {}
                     _ = stop.cancelled() => return,
@@ -235,14 +285,14 @@ fn attrs_name(attrs: SessionAttrs) -> &'static str {
 }
 
 /// Opens one connection to a host and checks its session; bounded in time.
-async fn probe(options: &PgConnectOptions, attrs: SessionAttrs) -> Result<bool, sqlx::Error> {
+async fn probe(options: &PgConnectOptions, attrs: SessionAttrs, timeout: Duration) -> Result<bool, sqlx::Error> {
     let check = async {
         let mut connection = PgConnection::connect_with(options).await?;
         let verdict = session_qualifies(&mut connection, attrs).await;
         let _ = connection.close().await;
         verdict
     };
-    tokio::time::timeout(PROBE_TIMEOUT, check).await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
+    tokio::time::timeout(timeout, check).await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
 }
 
 /// libpq's checks: `SHOW transaction_read_only` for read-write,

@@ -35,7 +35,7 @@ impl fmt::Display for HostPort {
 
 /// A Postgres URL split into the parts a multi-host list touches. Values
 /// stay percent-encoded as written; only structure is interpreted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgUrl {
     scheme: String,
     userinfo: Option<String>,
@@ -47,6 +47,14 @@ pub struct PgUrl {
     /// Query parameters other than `host`, `port` and `target_session_attrs`.
     params: Vec<(String, String)>,
     pub attrs: SessionAttrs,
+    /// `target_session_attrs` was written (libpq's default is `any`).
+    attrs_given: bool,
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
 }
 
 impl PgUrl {
@@ -64,6 +72,11 @@ impl PgUrl {
             Some((userinfo, hosts)) => (Some(userinfo.to_string()), hosts),
             None => (None, authority),
         };
+        if path.contains('@') {
+            return Err("an '@' after the host list: percent-encode special characters of the user \
+                        and password (%2F for /, %3F for ?, %40 for @)"
+                .into());
+        }
         let mut hosts = Vec::new();
         if !host_list.is_empty() {
             for entry in host_list.split(',') {
@@ -75,12 +88,16 @@ impl PgUrl {
         let mut query_hosts = None;
         let mut query_ports = None;
         let mut attrs = SessionAttrs::Any;
+        let mut attrs_given = false;
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
                 "host" => query_hosts = Some(value.to_string()),
                 "port" => query_ports = Some(value.to_string()),
-                "target_session_attrs" => attrs = session_attrs(value)?,
+                "target_session_attrs" => {
+                    attrs = session_attrs(value)?;
+                    attrs_given = true;
+                }
                 _ => params.push((name.to_string(), value.to_string())),
             }
         }
@@ -110,7 +127,27 @@ impl PgUrl {
         if hosts.iter().any(|h| h.host.is_empty()) {
             return Err("an empty host in the host list".into());
         }
-        Ok(PgUrl { scheme: scheme.to_string(), userinfo, hosts, hosts_in_query, path: path.to_string(), params, attrs })
+        if let Some(port) = hosts.iter().filter_map(|h| h.port.as_deref()).find(|p| p.parse::<u16>().is_err()) {
+            return Err(format!("port {port:?} is not a port number"));
+        }
+        if hosts.len() > 1 && !attrs_given {
+            return Err("several hosts need target_session_attrs: read-write for a primary and its standbys \
+                        (idemd writes), or any for several poolers in front of one primary"
+                .into());
+        }
+        if hosts_in_query && userinfo.is_some() {
+            return Err("with ?host=, give the user and password as ?user= and &password=".into());
+        }
+        Ok(PgUrl {
+            scheme: scheme.to_string(),
+            userinfo,
+            hosts,
+            hosts_in_query,
+            path: path.to_string(),
+            params,
+            attrs,
+            attrs_given,
+        })
     }
 
     /// More than one host, or a session requirement: idemd must choose and re-choose.
@@ -147,7 +184,10 @@ impl PgUrl {
         let hosts: Vec<String> = copy.hosts.iter().map(ToString::to_string).collect();
         text.push_str(&hosts.join(","));
         text.push_str(&copy.path);
-        let params: Vec<String> = copy.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let mut params: Vec<String> = copy.params.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        if copy.attrs_given {
+            params.push(format!("target_session_attrs={}", attrs_value(copy.attrs)));
+        }
         if !params.is_empty() {
             text.push('?');
             text.push_str(&params.join("&"));
@@ -182,6 +222,14 @@ impl PgUrl {
             text.push_str(&params.join("&"));
         }
         text
+    }
+}
+
+fn attrs_value(attrs: SessionAttrs) -> &'static str {
+    match attrs {
+        SessionAttrs::Any => "any",
+        SessionAttrs::ReadWrite => "read-write",
+        SessionAttrs::Primary => "primary",
     }
 }
 
@@ -247,7 +295,7 @@ mod tests {
             url.per_host_urls(),
             vec!["postgres:///db?host=a&port=1&user=u", "postgres:///db?host=b&port=2&user=u"]
         );
-        let one_port = PgUrl::parse("postgres://u@a,b/db?port=7").expect("parse");
+        let one_port = PgUrl::parse("postgres://u@a,b/db?port=7&target_session_attrs=any").expect("parse");
         assert_eq!(one_port.per_host_urls(), vec!["postgres://u@a:7/db", "postgres://u@b:7/db"]);
     }
 
@@ -257,11 +305,17 @@ mod tests {
             "postgres://a,b/db?target_session_attrs=read-only",
             "postgres://a,b/db?target_session_attrs=standby",
             "postgres://a,b/db?target_session_attrs=whatever",
-            "postgres://a,b,c/db?port=1,2",
-            "postgres://a:1,b/db?port=2",
-            "postgres://a,,b/db",
+            "postgres://a,b,c/db?port=1,2&target_session_attrs=read-write",
+            "postgres://a:1,b/db?port=2&target_session_attrs=read-write",
+            "postgres://a,,b/db?target_session_attrs=read-write",
             "postgres://a/db?host=b",
             "db.example.com",
+            // Several hosts and no word on which one takes writes.
+            "postgres://a,b/db",
+            // An unencoded / in the password would split it off as a path.
+            "postgres://u:1234/5678@db/x",
+            "postgres://a:54x2/db",
+            "postgres://u:pw@/db?host=a,b&target_session_attrs=read-write",
         ] {
             assert!(PgUrl::parse(bad).is_err(), "{bad} was accepted");
         }
@@ -273,6 +327,7 @@ mod tests {
             PgUrl::parse("postgres://u:s3cret@a,b/db?password=s3cret&target_session_attrs=read-write").expect("parse");
         let redacted = url.redacted();
         assert!(!redacted.contains("s3cret"), "{redacted}");
-        assert_eq!(redacted, "postgres://u:***@a,b/db?password=***");
+        assert_eq!(redacted, "postgres://u:***@a,b/db?password=***&target_session_attrs=read-write");
+        assert!(!format!("{url:?}").contains("s3cret"));
     }
 }

@@ -36,12 +36,13 @@ pub struct PgStore {
     session: PgSession,
     /// Group commit of Begins and Completes, when `--group-commit-max-batch` > 1.
     batchers: Option<Arc<GroupCommit>>,
-    /// One connection straight to Postgres, for migrations and LISTEN,
-    /// outside the request pool so it never takes a slot from calls. None
+    /// Straight to Postgres, outside the request pool: a one-connection pool
+    /// for migrations, and the target LISTEN sessions connect to. None
     /// behind a transaction pooler without `--direct-database-url`.
     direct: Option<(PgPool, Arc<PgTarget>)>,
     /// Without LISTEN, this replica's own transitions wake its waiters here.
     local_wakeups: Option<Arc<Wakeups>>,
+    store_timeout: Duration,
 }
 
 impl PgStore {
@@ -64,14 +65,17 @@ impl PgStore {
             options.application_name("idemd").extra_float_digits(None).log_statements(tracing::log::LevelFilter::Trace)
         };
         let target = if through_pooler {
-            PgTarget::new(config.database_url.expose(), pooled_options)?
+            PgTarget::new(config.database_url.expose(), store_timeout, pooled_options)?
         } else {
-            PgTarget::new(config.database_url.expose(), direct_options)?
+            PgTarget::new(config.database_url.expose(), store_timeout, direct_options)?
         };
         let pool = target.pool(
             PgPoolOptions::new()
                 .max_connections(config.db_max_connections)
-                .acquire_timeout(config.store_timeout)
+                // Shorter than the call's own bound, so a pool that cannot
+                // connect says so (and a multi-host target re-probes) before
+                // the call gives up.
+                .acquire_timeout(config.store_timeout.mul_f64(0.75))
                 // No ping before every statement: it doubled the round trips of
                 // the hot path. A connection that died is found by its statement
                 // failing (the caller gets UNAVAILABLE and retries) and dropped.
@@ -80,7 +84,7 @@ impl PgStore {
         target.spawn_watcher();
         let session = PgSession::new(pool, Arc::clone(&target), through_pooler, config.store_timeout);
         let direct_target = match (&config.direct_database_url, through_pooler) {
-            (Some(url), _) => Some(PgTarget::new(url.expose(), direct_options)?),
+            (Some(url), _) => Some(PgTarget::new(url.expose(), store_timeout, direct_options)?),
             (None, false) => Some(target),
             (None, true) => None,
         };
@@ -90,7 +94,7 @@ impl PgStore {
             (pool, target)
         });
         let local_wakeups = direct.is_none().then_some(wakeups);
-        let store = PgStore { session, direct, local_wakeups, batchers: None };
+        let store = PgStore { session, direct, local_wakeups, batchers: None, store_timeout };
         if config.group_commit_max_batch <= 1 {
             return Ok(store);
         }
@@ -121,11 +125,17 @@ impl PgStore {
     /// notification lost meanwhile costs a re-check, never a stuck waiter.
     /// Without a direct connection there is nothing to relay.
     pub fn spawn_wakeup_listener(&self, wakeups: Arc<Wakeups>, shutdown: CancellationToken) -> Option<JoinHandle<()>> {
-        let (pool, target) = self.direct.clone()?;
+        let (_, target) = self.direct.clone()?;
+        let store_timeout = self.store_timeout;
         Some(tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = LISTENER_BACKOFF;
             while !shutdown.is_cancelled() {
-                match listen_until_error(&pool, &wakeups, &shutdown).await {
+                let started = tokio::time::Instant::now();
+                // A pool of its own per session: a session that hangs on a
+                // silent host (sqlx sends UNLISTEN when it is dropped) holds
+                // no connection that migrations or the next session need.
+                let pool = target.one_off_pool(store_timeout);
+                match listen_until_error(&pool, &target, &wakeups, &shutdown).await {
                     Ok(()) => return,
                     Err(error) => {
                         tracing::warn!(%error, "wake-up listener lost its connection; reconnecting");
@@ -134,6 +144,9 @@ impl PgStore {
                         }
                         wakeups.wake_all();
                     }
+                }
+                if started.elapsed() > LISTENER_CHECK_EVERY * 2 {
+                    backoff = LISTENER_BACKOFF;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -156,8 +169,22 @@ impl PgStore {
 /// connection that died silently would otherwise lose every NOTIFY.
 const LISTENER_CHECK_EVERY: Duration = Duration::from_secs(5);
 
-async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &CancellationToken) -> Result<(), sqlx::Error> {
+/// The first pause before the listener reconnects.
+const LISTENER_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Listens until the connection fails, stops answering, turns read-only or
+/// the target moves to another host; each of those returns an error, after
+/// which the caller wakes every waiter (NOTIFYs may have been missed) and
+/// listens anew. sqlx's own silent reconnect is off for that reason.
+async fn listen_until_error(
+    pool: &PgPool,
+    target: &PgTarget,
+    wakeups: &Wakeups,
+    shutdown: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    let moves = target.moves();
     let mut listener = PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
     listener.listen(WAKE_CHANNEL).await?;
     // Anything that finished while we were not listening.
     wakeups.wake_all();
@@ -166,16 +193,19 @@ async fn listen_until_error(pool: &PgPool, wakeups: &Wakeups, shutdown: &Cancell
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.try_recv() => match notification? {
                 Some(notification) => wakeups.wake_topic(notification.payload()),
-                // The connection dropped; the next try_recv reconnects and re-listens.
-                None => wakeups.wake_all(),
+                None => return Err(sqlx::Error::Protocol("the LISTEN connection closed".into())),
             },
             _ = tokio::time::sleep(LISTENER_CHECK_EVERY) => {
+                if target.moves() != moves {
+                    return Err(sqlx::Error::Protocol("the database primary moved".into()));
+                }
                 use sqlx::Executor;
-                match tokio::time::timeout(LISTENER_CHECK_EVERY, (&mut listener).execute("SELECT 1")).await {
-                    Ok(result) => {
-                        result?;
-                    }
-                    Err(_) => return Err(sqlx::Error::Protocol("the LISTEN connection stopped answering".into())),
+                let check = (&mut listener).fetch_one(target.usable_session_query());
+                let Ok(row) = tokio::time::timeout(LISTENER_CHECK_EVERY, check).await else {
+                    return Err(sqlx::Error::Protocol("the LISTEN connection stopped answering".into()));
+                };
+                if !row?.try_get::<bool, _>(0)? {
+                    return Err(sqlx::Error::Protocol("the LISTEN session is read-only".into()));
                 }
             }
         }

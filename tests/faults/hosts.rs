@@ -18,6 +18,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::pg_cluster::Cluster;
+use crate::proxy::Proxy;
 
 const DATABASE: &str = "idemd_hosts";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -79,8 +80,8 @@ async fn acquires(channel: &Channel, key: &str) -> bool {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_multi_host_url_follows_the_writable_server() {
+/// Two clusters with the database migrated on each.
+async fn two_clusters() -> (Cluster, Cluster) {
     let (a, b) = (Cluster::new("hosts-a"), Cluster::new("hosts-b"));
     for cluster in [&a, &b] {
         let mut connection = sqlx::PgConnection::connect(&cluster.url()).await.expect("connect");
@@ -93,13 +94,21 @@ async fn a_multi_host_url_follows_the_writable_server() {
             DatabaseUrl::new(format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", cluster.port));
         idemd::server::migrate(&config.database).await.expect("migrate");
     }
-    // b is the standby, and listed first: idemd must pass over it.
-    set_writable(&b, false).await;
+    (a, b)
+}
+
+/// An idemd in this process on `hosts` (`host:port,host:port`), written-to
+/// only where sessions are read-write.
+struct Idemd {
+    channel: Channel,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_idemd(hosts: &str) -> Idemd {
     let mut config = ServeConfig::defaults();
-    config.database.database_url = DatabaseUrl::new(format!(
-        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{DATABASE}?target_session_attrs=read-write",
-        b.port, a.port
-    ));
+    config.database.database_url =
+        DatabaseUrl::new(format!("postgres://postgres@{hosts}/{DATABASE}?target_session_attrs=read-write"));
     config.database.store_timeout = Duration::from_secs(2);
     config.no_migrate = true;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -110,6 +119,23 @@ async fn a_multi_host_url_follows_the_writable_server() {
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+    Idemd { channel, stop, server }
+}
+
+impl Idemd {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(DEADLINE, self.server).await.expect("stops").expect("task").expect("clean exit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_host_url_follows_the_writable_server() {
+    let (a, b) = two_clusters().await;
+    // b is the standby, and listed first: idemd must pass over it.
+    set_writable(&b, false).await;
+    let idemd = start_idemd(&format!("127.0.0.1:{},127.0.0.1:{}", b.port, a.port)).await;
+    let channel = idemd.channel.clone();
 
     until("ready on the writable server", async || ready(&channel).await).await;
     assert!(acquires(&channel, "first").await, "a Begin on the writable server");
@@ -135,6 +161,26 @@ async fn a_multi_host_url_follows_the_writable_server() {
     assert_eq!((rows_on(&a, "third").await, rows_on(&b, "third").await), (1, 0));
     assert_eq!(rows_on(&a, "nowhere").await + rows_on(&b, "nowhere").await, 0, "nothing written without a primary");
 
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, server).await.expect("stops").expect("task").expect("clean exit");
+    idemd.stop().await;
+}
+
+/// A primary that goes silent (every byte delayed an hour, connections
+/// open) is left for the next writable server; idemd is not restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_primary_is_left_for_the_next_writable_server() {
+    let (a, b) = two_clusters().await;
+    set_writable(&b, false).await;
+    let proxy = Proxy::start(format!("127.0.0.1:{}", a.port).parse().expect("addr")).await;
+    let idemd = start_idemd(&format!("{},127.0.0.1:{}", proxy.addr, b.port)).await;
+    let channel = idemd.channel.clone();
+    until("ready on a", async || ready(&channel).await).await;
+    assert!(acquires(&channel, "first").await, "a Begin on a");
+    assert_eq!(rows_on(&a, "first").await, 1);
+
+    proxy.set_latency(Duration::from_secs(3600));
+    set_writable(&b, true).await;
+    until("a Begin succeeds on b", async || acquires(&channel, "second").await).await;
+    assert_eq!((rows_on(&a, "second").await, rows_on(&b, "second").await), (0, 1), "written to b");
+    until("ready on b", async || ready(&channel).await).await;
+    idemd.stop().await;
 }
