@@ -89,7 +89,12 @@ impl PgStore {
             (None, true) => None,
         };
         let direct = direct_target.map(|target| {
-            let pool = target.pool(PgPoolOptions::new().max_connections(1).acquire_timeout(config.store_timeout));
+            // Used for migrations at start-up, then idle: its connection is let go.
+            let options = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(config.store_timeout)
+                .idle_timeout(Duration::from_secs(30));
+            let pool = target.pool(options);
             target.spawn_watcher();
             (pool, target)
         });
