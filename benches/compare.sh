@@ -5,7 +5,9 @@
 # synchronous_commit on) and idemd (release build) on it, then alternates
 # pgbench running idemd's own Begin and Complete statements (one transaction
 # each, prepared, same table) with `idemd bench` at the same concurrency, and
-# prints the medians and their ratio. A last row runs idemd on SQLite.
+# prints the medians and their ratio. Then idemd paced (`--rate`) to half of
+# its peak, at the peak's concurrency, for the latency at that load. A last
+# row runs idemd on SQLite.
 #
 #   benches/compare.sh                 # 20 s per run, 3 rounds, c = 1 16 64 256
 #   SECONDS_PER_RUN=10 ROUNDS=2 LEVELS="1 16 64" benches/compare.sh
@@ -70,11 +72,12 @@ pgbench_run() {
     | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 idemd_run() {
-  "$idemd" bench --addr "http://127.0.0.1:$2" --concurrency "$1" --duration "${seconds}s" --json \
+  "$idemd" bench --addr "http://127.0.0.1:$2" --concurrency "$1" --duration "${seconds}s" --json "${@:3}" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["begin"]["p99"] + r["latency_ms"]["complete"]["p99"], r["errors"])'
 }
 
 printf '\n%-12s %16s %16s %8s %18s\n' concurrency "pgbench pairs/s" "idemd pairs/s" ratio "idemd p99 pair ms"
+peak=0; peak_c=1
 for c in $levels; do
   pg=(); id=(); p99=()
   for round in $(seq 1 "$rounds"); do
@@ -88,7 +91,13 @@ for c in $levels; do
   id_m=$(printf '%s\n' "${id[@]}" | median)
   p99_m=$(printf '%s\n' "${p99[@]}" | median)
   printf '%-12s %16.0f %16.0f %8.2f %18.2f\n' "$c" "$pg_m" "$id_m" "$(python3 -c "print($id_m / $pg_m)")" "$p99_m"
+  if python3 -c "import sys; sys.exit(0 if $id_m > $peak else 1)"; then peak=$id_m; peak_c=$c; fi
 done
+# Latency at half of the peak: the peak's concurrency, paced to half its rate.
+half=$(python3 -c "print(round($peak / 2))")
+log "half of the peak: $half pairs/s over $peak_c workers"
+read -r rate tail errors <<<"$(idemd_run "$peak_c" "$grpc_port" --rate "$half")"
+printf '%-12s %16s %16.0f %8s %18.2f\n' "$peak_c @ $half/s" "-" "$rate" "-" "$tail"
 kill -TERM "$server"; wait "$server" || true
 
 sqlite_port=$(free_port)

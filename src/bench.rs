@@ -65,6 +65,13 @@ pub struct BenchConfig {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
+    /// Target operations per second over all workers (pairs, or Begins in
+    /// begin mode), spread evenly; unset: as fast as they go. For latency at
+    /// a given load rather than at saturation. A worker that falls behind
+    /// starts its next operation at once, so the report's rate says whether
+    /// the target was reached.
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 impl BenchConfig {
@@ -73,6 +80,12 @@ impl BenchConfig {
         anyhow::ensure!(self.keys >= 1, "--keys must be at least 1");
         anyhow::ensure!((0.0..=1.0).contains(&self.duplicate_ratio), "--duplicate-ratio must lie within [0, 1]");
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
+        if let Some(rate) = self.rate {
+            anyhow::ensure!(
+                rate.is_finite() && rate > 0.0,
+                "--rate must be a positive number of operations per second"
+            );
+        }
         Ok(())
     }
 }
@@ -209,7 +222,22 @@ async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histo
     let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let tally = &shared.tally;
+    // Each worker's share of --rate, started at a random phase so the
+    // workers do not fire together.
+    let mut pace = shared.config.rate.map(|rate| {
+        let period = Duration::from_secs_f64(shared.config.concurrency as f64 / rate);
+        let start = Instant::now() + period.mul_f64(rng.random_range(0.0..1.0));
+        let mut ticks = tokio::time::interval_at(start, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
     while Instant::now() < until {
+        if let Some(ticks) = pace.as_mut() {
+            ticks.tick().await;
+            if Instant::now() >= until {
+                break;
+            }
+        }
         let key = shared.key(&mut rng);
         let started = Instant::now();
         let begin = pb::BeginRequest {
@@ -337,6 +365,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
     Ok(json!({
         "mode": format!("{:?}", config.mode).to_lowercase(),
         "concurrency": config.concurrency,
+        "rate_target": config.rate,
         "duration_s": elapsed,
         "duplicate_ratio": config.duplicate_ratio,
         "payload_bytes": config.payload_bytes,

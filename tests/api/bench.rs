@@ -21,6 +21,7 @@ async fn bench_reports_throughput_and_no_errors() {
         channels: None,
         token: None,
         json: true,
+        rate: None,
     };
     let report = idemd::bench::run(config).await.expect("bench runs");
     assert!(report["pairs_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
@@ -32,6 +33,32 @@ async fn bench_reports_throughput_and_no_errors() {
         }
     }
     assert!(idemd::bench::render(&report).contains("pairs/s"));
+}
+
+/// `--rate` paces the workers: never faster than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_rate_paces_the_workers() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let config = BenchConfig {
+        addr: format!("http://{}", app.addr),
+        concurrency: 4,
+        duration: Duration::from_secs(2),
+        keys: 1_000_000,
+        duplicate_ratio: 0.0,
+        payload_bytes: 100,
+        namespace: "bench".into(),
+        mode: Mode::Pairs,
+        channels: None,
+        token: None,
+        json: true,
+        rate: Some(20.0),
+    };
+    let report = idemd::bench::run(config).await.expect("bench runs");
+    let pairs = report["pairs"].as_u64().expect("pairs");
+    // Each of 4 workers starts at most one pair per 200 ms: 11 each in 2 s.
+    assert!(pairs > 0 && pairs <= 44, "{pairs} pairs at 20/s for 2 s: {report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["rate_target"], 20.0, "{report}");
 }
 
 /// Park mode: the bench holds a key and every worker waits on it until the
@@ -51,6 +78,7 @@ async fn bench_park_mode_parks_waiters_until_the_end() {
         channels: Some(2),
         token: None,
         json: true,
+        rate: None,
     };
     let parked = tokio::spawn(idemd::bench::run(config));
     eventually("50 waiters parked", Duration::from_secs(10), || async {
