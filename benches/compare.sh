@@ -73,7 +73,7 @@ pgbench_run() {
 }
 idemd_run() {
   "$idemd" bench --addr "http://127.0.0.1:$2" --concurrency "$1" --duration "${seconds}s" --json "${@:3}" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["begin"]["p99"] + r["latency_ms"]["complete"]["p99"], r["errors"])'
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["errors"])'
 }
 
 printf '\n%-12s %16s %16s %8s %18s\n' concurrency "pgbench pairs/s" "idemd pairs/s" ratio "idemd p99 pair ms"

@@ -121,6 +121,29 @@ struct Shared {
     payload: Vec<u8>,
 }
 
+/// Latency histograms of one worker, merged at the end.
+struct Latencies {
+    begin: Histogram<u64>,
+    complete: Histogram<u64>,
+    /// From sending the Begin to the Complete's answer: what a payment pays.
+    pair: Histogram<u64>,
+}
+
+impl Latencies {
+    fn new() -> Self {
+        Latencies { begin: histogram(), complete: histogram(), pair: histogram() }
+    }
+
+    fn add(&mut self, other: &Latencies) -> anyhow::Result<()> {
+        for (mine, theirs) in
+            [(&mut self.begin, &other.begin), (&mut self.complete, &other.complete), (&mut self.pair, &other.pair)]
+        {
+            mine.add(theirs).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     // Microseconds from 1 µs to 10 min, 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig")) // ok: constants
@@ -162,9 +185,9 @@ impl Shared {
 const PARKING_KEY: &str = "parked";
 
 /// One Begin after another on the held key, each waiting until `until`.
-async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histogram<u64>, Histogram<u64>) {
+async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
     let mut client = IdempotencyClient::new(channel);
-    let mut latency = histogram();
+    let mut latencies = Latencies::new();
     let tally = &shared.tally;
     loop {
         let left = until.saturating_duration_since(Instant::now()).min(crate::config::MAX_WAIT_TIMEOUT);
@@ -182,7 +205,7 @@ async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) ->
         request.set_timeout(left + Duration::from_secs(10));
         let started = Instant::now();
         let outcome = client.begin(request).await;
-        let _ = latency.record(started.elapsed().as_micros() as u64);
+        let _ = latencies.begin.record(started.elapsed().as_micros() as u64);
         tally.begins.fetch_add(1, Ordering::Relaxed);
         match outcome.map(|r| r.into_inner().outcome) {
             Ok(Some(Outcome::InProgress(_))) => tally.in_progress.fetch_add(1, Ordering::Relaxed),
@@ -195,7 +218,7 @@ async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) ->
             }
         };
     }
-    (latency, histogram())
+    latencies
 }
 
 /// Park mode: takes the lease every worker will wait on, for the whole run.
@@ -214,12 +237,12 @@ async fn hold_parking_key(shared: &Shared, channel: Channel) -> anyhow::Result<(
     }
 }
 
-async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histogram<u64>, Histogram<u64>) {
+async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
     if shared.config.mode == Mode::Park {
         return parked_worker(shared, channel, until).await;
     }
     let mut client = IdempotencyClient::new(channel);
-    let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
+    let mut latencies = Latencies::new();
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let tally = &shared.tally;
     // Each worker's share of --rate, started at a random phase so the
@@ -239,7 +262,8 @@ async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histo
             }
         }
         let key = shared.key(&mut rng);
-        let started = Instant::now();
+        let pair_started = Instant::now();
+        let started = pair_started;
         let begin = pb::BeginRequest {
             namespace: shared.config.namespace.clone(),
             key: key.clone(),
@@ -247,7 +271,7 @@ async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histo
             ..Default::default()
         };
         let outcome = client.begin(shared.request(begin)).await;
-        let _ = begin_latency.record(started.elapsed().as_micros() as u64);
+        let _ = latencies.begin.record(started.elapsed().as_micros() as u64);
         tally.begins.fetch_add(1, Ordering::Relaxed);
         let lease = match outcome.map(|r| r.into_inner().outcome) {
             Ok(Some(Outcome::Acquired(lease))) => {
@@ -281,13 +305,14 @@ async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> (Histo
         };
         match client.complete(shared.request(complete)).await {
             Ok(_) => {
-                let _ = complete_latency.record(started.elapsed().as_micros() as u64);
+                let _ = latencies.complete.record(started.elapsed().as_micros() as u64);
+                let _ = latencies.pair.record(pair_started.elapsed().as_micros() as u64);
                 tally.pairs.fetch_add(1, Ordering::Relaxed);
             }
             Err(status) => tally.error(&status),
         }
     }
-    (begin_latency, complete_latency)
+    latencies
 }
 
 fn percentiles(histogram: &Histogram<u64>) -> Value {
@@ -351,11 +376,9 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
         })
     };
 
-    let (mut begin_latency, mut complete_latency) = (histogram(), histogram());
+    let mut latencies = Latencies::new();
     for worker in workers {
-        let (begin, complete) = worker.await?;
-        begin_latency.add(&begin).map_err(|e| anyhow::anyhow!("{e}"))?;
-        complete_latency.add(&complete).map_err(|e| anyhow::anyhow!("{e}"))?;
+        latencies.add(&worker.await?)?;
     }
     ticker.abort();
     progress.finish_and_clear();
@@ -379,7 +402,11 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
         },
         "errors": tally.errors.load(Ordering::Relaxed),
         "errors_by_code": errors_by_code,
-        "latency_ms": { "begin": percentiles(&begin_latency), "complete": percentiles(&complete_latency) },
+        "latency_ms": {
+            "begin": percentiles(&latencies.begin),
+            "complete": percentiles(&latencies.complete),
+            "pair": percentiles(&latencies.pair),
+        },
     }))
 }
 
@@ -404,7 +431,7 @@ pub fn render(report: &Value) -> String {
     };
     format!(
         "{} mode, {} workers, {:.1} s, duplicate ratio {}, {}-byte responses\n\
-         pairs/s   {:.1}\nbegins/s  {:.1}\n{}\n{}\noutcomes  acquired {}, completed (replayed) {}, in_progress {}\nerrors    {}",
+         pairs/s   {:.1}\nbegins/s  {:.1}\n{}\n{}\n{}\noutcomes  acquired {}, completed (replayed) {}, in_progress {}\nerrors    {}",
         report["mode"].as_str().unwrap_or(""),
         report["concurrency"],
         report["duration_s"].as_f64().unwrap_or(0.0),
@@ -414,6 +441,7 @@ pub fn render(report: &Value) -> String {
         report["begins_per_second"].as_f64().unwrap_or(0.0),
         latency("begin"),
         latency("complete"),
+        latency("pair"),
         report["outcomes"]["acquired"],
         report["outcomes"]["completed"],
         report["outcomes"]["in_progress"],

@@ -27,7 +27,7 @@ async fn bench_reports_throughput_and_no_errors() {
     assert!(report["pairs_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     assert!(report["outcomes"]["completed"].as_u64().is_some_and(|n| n > 0), "duplicates replay: {report}");
-    for rpc in ["begin", "complete"] {
+    for rpc in ["begin", "complete", "pair"] {
         for q in ["p50", "p90", "p99", "p999"] {
             assert!(report["latency_ms"][rpc][q].as_f64().is_some_and(|ms| ms > 0.0), "{rpc} {q}: {report}");
         }
