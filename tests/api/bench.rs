@@ -6,15 +6,14 @@ use idemd::bench::{BenchConfig, Mode};
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_reports_throughput_and_no_errors() {
-    let app = spawn_app(Backend::Sqlite).await;
-    let config = BenchConfig {
+/// Two seconds of pairs against `app`, four workers; a test changes what it exercises.
+fn bench_config(app: &TestApp) -> BenchConfig {
+    BenchConfig {
         addr: format!("http://{}", app.addr),
         concurrency: 4,
         duration: Duration::from_secs(2),
         keys: 1_000_000,
-        duplicate_ratio: 0.3,
+        duplicate_ratio: 0.0,
         payload_bytes: 600,
         namespace: "bench".into(),
         mode: Mode::Pairs,
@@ -22,7 +21,13 @@ async fn bench_reports_throughput_and_no_errors() {
         token: None,
         json: true,
         rate: None,
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_throughput_and_no_errors() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let config = BenchConfig { duplicate_ratio: 0.3, ..bench_config(&app) };
     let report = idemd::bench::run(config).await.expect("bench runs");
     assert!(report["pairs_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
     assert_eq!(report["errors"], 0, "{report}");
@@ -39,20 +44,7 @@ async fn bench_reports_throughput_and_no_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_rate_paces_the_workers() {
     let app = spawn_app(Backend::Sqlite).await;
-    let config = BenchConfig {
-        addr: format!("http://{}", app.addr),
-        concurrency: 4,
-        duration: Duration::from_secs(2),
-        keys: 1_000_000,
-        duplicate_ratio: 0.0,
-        payload_bytes: 100,
-        namespace: "bench".into(),
-        mode: Mode::Pairs,
-        channels: None,
-        token: None,
-        json: true,
-        rate: Some(20.0),
-    };
+    let config = BenchConfig { payload_bytes: 100, rate: Some(20.0), ..bench_config(&app) };
     let report = idemd::bench::run(config).await.expect("bench runs");
     let pairs = report["pairs"].as_u64().expect("pairs");
     // Each of 4 workers starts at most one pair per 200 ms: 11 each in 2 s.
@@ -67,18 +59,12 @@ async fn bench_rate_paces_the_workers() {
 async fn bench_park_mode_parks_waiters_until_the_end() {
     let app = spawn_app(Backend::Sqlite).await;
     let config = BenchConfig {
-        addr: format!("http://{}", app.addr),
         concurrency: 50,
-        duration: Duration::from_secs(2),
         keys: 1,
-        duplicate_ratio: 0.0,
         payload_bytes: 0,
-        namespace: "bench".into(),
         mode: Mode::Park,
         channels: Some(2),
-        token: None,
-        json: true,
-        rate: None,
+        ..bench_config(&app)
     };
     let parked = tokio::spawn(idemd::bench::run(config));
     eventually("50 waiters parked", Duration::from_secs(10), || async {

@@ -10,18 +10,16 @@
 //! Short mode (`scripts/test`): 2 failovers. `IDEMD_FAILOVERS=N` (or
 //! `scripts/failover --long`) for more.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::Connection;
 use tokio::time::Instant;
 
-use crate::history::{Answer, Call, History};
+use crate::history::{Answer, Call};
 use crate::patroni::Patroni;
 use crate::replicas::Replicas;
-use crate::{CALM, CLIENTS, RECOVERY_BOUND, REPLICAS, Shared, client, finish, recover};
+use crate::{CALM, RECOVERY_BOUND, REPLICAS, finish, recover, start_load};
 
 const DATABASE: &str = "idemd_failover";
 /// A whole cluster again (the old primary rewound and streaming) before the next kill.
@@ -43,16 +41,8 @@ async fn failover_loses_nothing_and_acquires_nothing_twice() {
     }
     let url = cluster.url(DATABASE);
     let mut replicas = Replicas::start(REPLICAS, &url).await;
-    let shared = Arc::new(Shared {
-        history: History::default(),
-        channels: replicas.channels(),
-        stop: AtomicBool::new(false),
-        short_deadlines: AtomicBool::new(false),
-        started: Instant::now(),
-    });
     let mut probe = 0;
-    recover(&shared, &mut probe).await;
-    let clients: Vec<_> = (0..CLIENTS).map(|i| tokio::spawn(client(Arc::clone(&shared), 5000 + i as u64))).collect();
+    let (shared, clients) = start_load(&replicas, &mut probe, 5000).await;
 
     let mut kills = Vec::new();
     let mut recoveries = Vec::new();

@@ -253,17 +253,8 @@ async fn faults_never_break_the_invariants() {
     let via_proxy = format!("postgres://postgres@{}/{database}", proxy.addr);
     let database_url = format!("postgres://postgres@127.0.0.1:{}/{database}", cluster.port);
     let mut replicas = Replicas::start(REPLICAS, &via_proxy).await;
-    let shared = Arc::new(Shared {
-        history: History::default(),
-        channels: replicas.channels(),
-        stop: AtomicBool::new(false),
-        short_deadlines: AtomicBool::new(false),
-        started: Instant::now(),
-    });
     let mut probe = 0;
-    recover(&shared, &mut probe).await;
-
-    let clients: Vec<_> = (0..CLIENTS).map(|i| tokio::spawn(client(Arc::clone(&shared), 1000 + i as u64))).collect();
+    let (shared, clients) = start_load(&replicas, &mut probe, 1000).await;
     let mut recoveries = Vec::new();
     let mut faults = 0;
     let mut round = 0;
@@ -324,6 +315,25 @@ async fn faults_never_break_the_invariants() {
     println!("run: {:.0?}", run_started.elapsed());
     assert_eq!(report.violations, 0, "invariants violated: see the table above");
     assert!(report.acquired > 50, "the load was too light to prove anything ({} acquisitions)", report.acquired);
+}
+
+/// Waits until every replica serves, then starts the clients (seeded from
+/// `seed`) on them.
+async fn start_load(
+    replicas: &Replicas,
+    probe: &mut u64,
+    seed: u64,
+) -> (Arc<Shared>, Vec<tokio::task::JoinHandle<()>>) {
+    let shared = Arc::new(Shared {
+        history: History::default(),
+        channels: replicas.channels(),
+        stop: AtomicBool::new(false),
+        short_deadlines: AtomicBool::new(false),
+        started: Instant::now(),
+    });
+    recover(&shared, probe).await;
+    let clients = (0..CLIENTS).map(|i| tokio::spawn(client(Arc::clone(&shared), seed + i as u64))).collect();
+    (shared, clients)
 }
 
 /// What a run with faults comes to.
