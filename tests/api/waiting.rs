@@ -19,20 +19,27 @@ fn waiting(key: &str, wait: Duration) -> idemd::pb::BeginRequest {
 /// a waiter answering well before that was woken.
 const PROMPT: Duration = Duration::from_millis(1500);
 
-async fn waiter_receives_the_holders_completion(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let holder = app.acquire(begin_req("k")).await;
-    let mut client = app.client.clone();
+/// A waiter parked on `waiter_app` gets the replay, promptly, of the
+/// Complete its key's holder sends to `holder_app`.
+async fn completion_wakes_the_waiter(holder_app: &TestApp, waiter_app: &TestApp, response: &[u8]) {
+    let holder = holder_app.acquire(begin_req("k")).await;
+    let mut client = waiter_app.client.clone();
     let waiter = tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Long enough for the waiter to park, on its own replica or another.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let completed_at = Instant::now();
-    app.complete("k", &holder.lease_token, b"paid").await.expect("complete");
+    holder_app.complete("k", &holder.lease_token, response).await.expect("complete");
     let outcome = waiter.await.expect("task").expect("begin").into_inner().outcome;
     assert!(completed_at.elapsed() < PROMPT, "woken promptly, took {:?}", completed_at.elapsed());
     let Some(Outcome::Completed(replay)) = outcome else {
         panic!("expected the replay, got {outcome:?}");
     };
-    assert_eq!(replay.response, b"paid");
+    assert_eq!(replay.response, response);
+}
+
+async fn waiter_receives_the_holders_completion(backend: Backend) {
+    let app = spawn_app(backend).await;
+    completion_wakes_the_waiter(&app, &app, b"paid").await;
 }
 
 async fn exactly_one_waiter_acquires_after_an_abort(backend: Backend) {
@@ -141,18 +148,7 @@ crate::both_stores!(
 async fn waiter_is_woken_by_a_completion_on_another_replica(backend: Backend) {
     let a = spawn_app(backend).await;
     let b = spawn_on(a.config.clone()).await;
-    let holder = a.acquire(begin_req("k")).await;
-    let mut client = b.client.clone();
-    let waiter = tokio::spawn(async move { client.begin(waiting("k", Duration::from_secs(30))).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let completed_at = Instant::now();
-    a.complete("k", &holder.lease_token, b"paid on a").await.expect("complete");
-    let outcome = waiter.await.expect("task").expect("begin").into_inner().outcome;
-    assert!(completed_at.elapsed() < PROMPT, "woken promptly, took {:?}", completed_at.elapsed());
-    let Some(Outcome::Completed(replay)) = outcome else {
-        panic!("expected the replay, got {outcome:?}");
-    };
-    assert_eq!(replay.response, b"paid on a");
+    completion_wakes_the_waiter(&a, &b, b"paid on a").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
