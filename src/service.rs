@@ -3,6 +3,7 @@
 //! is the only logic, and it only re-runs the store's atomic Begin.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -373,8 +374,18 @@ fn encode_record(record: Record) -> pb::Record {
     }
 }
 
+/// A Begin checked and ready for the store: all a Begin's future holds
+/// while it waits for its key.
+struct PreparedBegin {
+    request: domain::BeginRequest,
+    wait_until: Option<Instant>,
+    deadline: Option<Instant>,
+}
+
 impl<S: Store> IdempotencyService<S> {
-    async fn begin_call(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<Reply<pb::BeginResponse>> {
+    /// Everything Begin checks before it touches the store, done before its
+    /// future exists.
+    fn prepare_begin(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<PreparedBegin> {
         let started = Instant::now();
         let timeout = grpc_timeout(request.metadata());
         let principal = request.extensions().get::<Principal>().cloned();
@@ -400,15 +411,22 @@ impl<S: Store> IdempotencyService<S> {
         )?;
         check_text("attempt_nonce", &message.attempt_nonce, MAX_NONCE_LEN, true)?;
         self.admit(principal.as_ref(), &id.namespace)?;
-        let begin = domain::BeginRequest {
+        let request = domain::BeginRequest {
             id,
             fingerprint: message.fingerprint,
             lease_ttl,
             retention,
             attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
         };
-        let deadline = timeout.map(|t| started + t);
-        let outcome = self.begin_and_wait(&begin, wait_until(started, wait, timeout), deadline).await?;
+        Ok(PreparedBegin {
+            request,
+            wait_until: wait_until(started, wait, timeout),
+            deadline: timeout.map(|t| started + t),
+        })
+    }
+
+    async fn run_begin(&self, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
+        let outcome = self.begin_and_wait(&begin.request, begin.wait_until, begin.deadline).await?;
         let (label, attempt) = match &outcome {
             BeginOutcome::Acquired(lease) => ("acquired", lease.attempt),
             BeginOutcome::Completed(stored) => ("completed", stored.attempt),
@@ -524,8 +542,32 @@ macro_rules! observed {
 
 #[tonic::async_trait]
 impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
-    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
-        observed!(self, "Begin", begin_call, request)
+    /// Written out rather than `async fn`: Begin is the call that parks
+    /// (`wait_timeout`), so its future is what each waiter costs. An `async
+    /// fn` would keep the raw request (and copies of it) for the whole wait;
+    /// here the request is checked before the future exists, and the future
+    /// holds only what the wait needs.
+    fn begin<'life0, 'async_trait>(
+        &'life0 self,
+        request: Request<pb::BeginRequest>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<pb::BeginResponse>, Status>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        let call = RpcCall::start("Begin", &request, &self.metrics);
+        let begin = match call.span().in_scope(|| self.prepare_begin(&call, request)) {
+            Ok(begin) => begin,
+            Err(error) => return Box::pin(std::future::ready(call.finish(Err(error)))),
+        };
+        let span = call.span().clone();
+        Box::pin(
+            async move {
+                let result = self.run_begin(&begin).await;
+                call.finish(result)
+            }
+            .instrument(span),
+        )
     }
 
     async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
@@ -581,6 +623,32 @@ mod tests {
         assert_eq!(grpc_timeout(&metadata), Some(Duration::from_secs(2)));
         metadata.insert("grpc-timeout", "bogus".parse().expect("ascii"));
         assert_eq!(grpc_timeout(&metadata), None);
+    }
+
+    /// Begin's future is what every parked waiter costs (`benches/waiters.sh`).
+    /// As an `async fn` holding the raw request it measured 2,608 bytes; the
+    /// written-out one 952. The bound leaves room for compiler changes.
+    #[tokio::test]
+    async fn a_parked_begin_stays_small() {
+        use pb::idempotency_server::Idempotency;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let mut config = ServeConfig::defaults();
+        config.database.database_url =
+            format!("sqlite://{}/size.db", dir.path().display()).parse().expect("sqlite url");
+        let wakeups = Wakeups::new();
+        let store = crate::store::sqlite::SqliteStore::connect(&config.database, Arc::clone(&wakeups))
+            .await
+            .expect("sqlite store");
+        let metrics = Metrics::new().expect("metrics");
+        let service = IdempotencyService::new(store, wakeups, metrics, Limits::from(&config), CancellationToken::new());
+        let begin = service.begin(Request::new(pb::BeginRequest {
+            namespace: "ns".into(),
+            key: "k".into(),
+            fingerprint: b"f".to_vec(),
+            ..Default::default()
+        }));
+        let size = std::mem::size_of_val(&*begin);
+        assert!(size <= 1_280, "a Begin's future grew to {size} bytes");
     }
 
     #[test]
