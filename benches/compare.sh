@@ -71,24 +71,38 @@ pgbench_run() {
   "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$1" -j 2 -T "$seconds" -f "$root/pair.sql" idemd 2>/dev/null \
     | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
+ping_run() {
+  "$idemd" bench --addr "http://127.0.0.1:$1" --mode ping --concurrency 1 --duration "${seconds}s" --json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["pings_per_second"])'
+}
 idemd_run() {
   "$idemd" bench --addr "http://127.0.0.1:$2" --concurrency "$1" --duration "${seconds}s" --json "${@:3}" \
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["errors"])'
 }
 
 printf '\n%-12s %16s %16s %8s %18s\n' concurrency "pgbench pairs/s" "idemd pairs/s" ratio "idemd p99 pair ms"
-peak=0; peak_c=1
+peak=0; peak_c=1; floor=""
 for c in $levels; do
-  pg=(); id=(); p99=()
+  pg=(); id=(); p99=(); ping=()
   for round in $(seq 1 "$rounds"); do
     log "c=$c round $round/$rounds"
     pg+=("$(pgbench_run "$c")")
     read -r rate tail errors <<<"$(idemd_run "$c" "$grpc_port")"
     [ "$errors" = 0 ] || log "idemd bench reported $errors errors"
     id+=("$rate"); p99+=("$tail")
+    # At one client, also the bare gRPC round trip: the part of a pair's
+    # latency that no store work can remove.
+    [ "$c" != 1 ] || ping+=("$(ping_run "$grpc_port")")
   done
   pg_m=$(printf '%s\n' "${pg[@]}" | median)
   id_m=$(printf '%s\n' "${id[@]}" | median)
+  if [ "$c" = 1 ]; then
+    ping_m=$(printf '%s\n' "${ping[@]}" | median)
+    floor=$(python3 -c "pg, idm, ping = 1000 / $pg_m, 1000 / $id_m, 1000 / $ping_m
+print(f'one client, mean latency: pgbench pair {pg:.3f} ms, idemd pair {idm:.3f} ms ({idm / pg:.2f}x); '
+      f'a bare gRPC round trip (health Check) {ping:.3f} ms, so pgbench + two round trips = {pg + 2 * ping:.3f} ms '
+      f'({(pg + 2 * ping) / pg:.2f}x); idemd beyond that: {idm - pg - 2 * ping:+.3f} ms')")
+  fi
   p99_m=$(printf '%s\n' "${p99[@]}" | median)
   printf '%-12s %16.0f %16.0f %8.2f %18.2f\n' "$c" "$pg_m" "$id_m" "$(python3 -c "print($id_m / $pg_m)")" "$p99_m"
   if python3 -c "import sys; sys.exit(0 if $id_m > $peak else 1)"; then peak=$id_m; peak_c=$c; fi
@@ -98,6 +112,7 @@ half=$(python3 -c "print(round($peak / 2))")
 log "half of the peak: $half pairs/s over $peak_c workers"
 read -r rate tail errors <<<"$(idemd_run "$peak_c" "$grpc_port" --rate "$half")"
 printf '%-12s %16s %16.0f %8s %18.2f\n' "$peak_c @ $half/s" "-" "$rate" "-" "$tail"
+[ -z "$floor" ] || printf '%s\n' "$floor"
 kill -TERM "$server"; wait "$server" || true
 
 sqlite_port=$(free_port)

@@ -1,7 +1,8 @@
 //! `idemd bench`: a bounded load generator against a running server.
 //! Workers run Begin → Complete pairs (or Begins alone) over several
 //! channels, a share of Begins hitting keys already in flight or completed;
-//! latencies go into HDR histograms per RPC.
+//! latencies go into HDR histograms per RPC. Ping mode measures the bare
+//! gRPC round trip (a health Check) through the same channels.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub enum Mode {
     /// Begin for it with `wait_timeout` (the rest of `--duration`, at most
     /// 60 s), again and again; for measuring what waiting callers cost.
     Park,
+    /// The gRPC floor: a health Check (`grpc.health.v1`) per operation,
+    /// through the same server, channels and pacing, with no store call.
+    /// What a round trip costs before idemd does anything.
+    Ping,
 }
 
 /// Settings of `idemd bench`.
@@ -101,6 +106,7 @@ struct Tally {
     acquired: AtomicU64,
     completed: AtomicU64,
     in_progress: AtomicU64,
+    pings: AtomicU64,
     errors_by_code: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -127,17 +133,21 @@ struct Latencies {
     complete: Histogram<u64>,
     /// From sending the Begin to the Complete's answer: what a payment pays.
     pair: Histogram<u64>,
+    ping: Histogram<u64>,
 }
 
 impl Latencies {
     fn new() -> Self {
-        Latencies { begin: histogram(), complete: histogram(), pair: histogram() }
+        Latencies { begin: histogram(), complete: histogram(), pair: histogram(), ping: histogram() }
     }
 
     fn add(&mut self, other: &Latencies) -> anyhow::Result<()> {
-        for (mine, theirs) in
-            [(&mut self.begin, &other.begin), (&mut self.complete, &other.complete), (&mut self.pair, &other.pair)]
-        {
+        for (mine, theirs) in [
+            (&mut self.begin, &other.begin),
+            (&mut self.complete, &other.complete),
+            (&mut self.pair, &other.pair),
+            (&mut self.ping, &other.ping),
+        ] {
             mine.add(theirs).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         Ok(())
@@ -237,23 +247,51 @@ async fn hold_parking_key(shared: &Shared, channel: Channel) -> anyhow::Result<(
     }
 }
 
+/// Each worker's share of `--rate`, started at a random phase so the
+/// workers do not fire together.
+fn pace(config: &BenchConfig, rng: &mut impl Rng) -> Option<tokio::time::Interval> {
+    config.rate.map(|rate| {
+        let period = Duration::from_secs_f64(config.concurrency as f64 / rate);
+        let start = Instant::now() + period.mul_f64(rng.random_range(0.0..1.0));
+        let mut ticks = tokio::time::interval_at(start, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    })
+}
+
+/// Health Checks, one after another: the round trip without idemd's work.
+async fn ping_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut latencies = Latencies::new();
+    let mut pace = pace(&shared.config, &mut rand::rng());
+    while Instant::now() < until {
+        if let Some(ticks) = pace.as_mut() {
+            ticks.tick().await;
+        }
+        let started = Instant::now();
+        let check = shared.request(tonic_health::pb::HealthCheckRequest { service: String::new() });
+        match client.check(check).await {
+            Ok(_) => {
+                let _ = latencies.ping.record(started.elapsed().as_micros() as u64);
+                shared.tally.pings.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(status) => shared.tally.error(&status),
+        }
+    }
+    latencies
+}
+
 async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
-    if shared.config.mode == Mode::Park {
-        return parked_worker(shared, channel, until).await;
+    match shared.config.mode {
+        Mode::Park => return parked_worker(shared, channel, until).await,
+        Mode::Ping => return ping_worker(shared, channel, until).await,
+        Mode::Pairs | Mode::Begin => {}
     }
     let mut client = IdempotencyClient::new(channel);
     let mut latencies = Latencies::new();
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let tally = &shared.tally;
-    // Each worker's share of --rate, started at a random phase so the
-    // workers do not fire together.
-    let mut pace = shared.config.rate.map(|rate| {
-        let period = Duration::from_secs_f64(shared.config.concurrency as f64 / rate);
-        let start = Instant::now() + period.mul_f64(rng.random_range(0.0..1.0));
-        let mut ticks = tokio::time::interval_at(start, period);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticks
-    });
+    let mut pace = pace(&shared.config, &mut rng);
     while Instant::now() < until {
         if let Some(ticks) = pace.as_mut() {
             ticks.tick().await;
@@ -358,17 +396,17 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
             let mut last = (Instant::now(), 0u64);
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let counted = match shared.config.mode {
-                    Mode::Pairs => shared.tally.pairs.load(Ordering::Relaxed),
-                    Mode::Begin | Mode::Park => shared.tally.begins.load(Ordering::Relaxed),
+                let (counted, what) = match shared.config.mode {
+                    Mode::Pairs => (shared.tally.pairs.load(Ordering::Relaxed), "pairs"),
+                    Mode::Begin | Mode::Park => (shared.tally.begins.load(Ordering::Relaxed), "begins"),
+                    Mode::Ping => (shared.tally.pings.load(Ordering::Relaxed), "pings"),
                 };
                 let rate = (counted - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), counted);
                 progress.set_message(format!(
-                    "{:.0}/{:.0} s · {rate:.0} {}/s · {} errors",
+                    "{:.0}/{:.0} s · {rate:.0} {what}/s · {} errors",
                     started.elapsed().as_secs_f64().min(shared.config.duration.as_secs_f64()),
                     shared.config.duration.as_secs_f64(),
-                    if shared.config.mode == Mode::Pairs { "pairs" } else { "begins" },
                     shared.tally.errors.load(Ordering::Relaxed)
                 ));
                 progress.tick();
@@ -395,6 +433,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
         "pairs": tally.pairs.load(Ordering::Relaxed),
         "pairs_per_second": tally.pairs.load(Ordering::Relaxed) as f64 / elapsed,
         "begins_per_second": tally.begins.load(Ordering::Relaxed) as f64 / elapsed,
+        "pings_per_second": tally.pings.load(Ordering::Relaxed) as f64 / elapsed,
         "outcomes": {
             "acquired": tally.acquired.load(Ordering::Relaxed),
             "completed": tally.completed.load(Ordering::Relaxed),
@@ -406,6 +445,7 @@ pub async fn run(config: BenchConfig) -> anyhow::Result<Value> {
             "begin": percentiles(&latencies.begin),
             "complete": percentiles(&latencies.complete),
             "pair": percentiles(&latencies.pair),
+            "ping": percentiles(&latencies.ping),
         },
     }))
 }
@@ -429,6 +469,16 @@ pub fn render(report: &Value) -> String {
         }
         _ => "none".to_string(),
     };
+    if report["mode"] == "ping" {
+        return format!(
+            "ping mode (health Check, no store call), {} workers, {:.1} s\npings/s   {:.1}\n{}\nerrors    {}",
+            report["concurrency"],
+            report["duration_s"].as_f64().unwrap_or(0.0),
+            report["pings_per_second"].as_f64().unwrap_or(0.0),
+            latency("ping"),
+            errors
+        );
+    }
     format!(
         "{} mode, {} workers, {:.1} s, duplicate ratio {}, {}-byte responses\n\
          pairs/s   {:.1}\nbegins/s  {:.1}\n{}\n{}\n{}\noutcomes  acquired {}, completed (replayed) {}, in_progress {}\nerrors    {}",

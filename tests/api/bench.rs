@@ -77,6 +77,18 @@ async fn bench_park_mode_parks_waiters_until_the_end() {
     assert_eq!(report["outcomes"]["acquired"], 0, "nobody takes the held key: {report}");
 }
 
+/// Ping mode: health Checks only, the round trip without a store call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ping_mode_measures_the_round_trip_alone() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let report = idemd::bench::run(BenchConfig { mode: Mode::Ping, ..bench_config(&app) }).await.expect("bench runs");
+    assert!(report["pings_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["begins_per_second"], 0.0, "no Idempotency call: {report}");
+    assert!(report["latency_ms"]["ping"]["p50"].as_f64().is_some_and(|ms| ms > 0.0), "{report}");
+    assert!(idemd::bench::render(&report).contains("pings/s"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_command_prints_one_json_object() {
     let app = spawn_app(Backend::Sqlite).await;
