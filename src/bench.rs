@@ -259,15 +259,23 @@ fn pace(config: &BenchConfig, rng: &mut impl Rng) -> Option<tokio::time::Interva
     })
 }
 
+/// Waits for the worker's next turn under `--rate`; false once the run is over.
+async fn next_turn(pace: &mut Option<tokio::time::Interval>, until: Instant) -> bool {
+    if Instant::now() >= until {
+        return false;
+    }
+    if let Some(ticks) = pace.as_mut() {
+        ticks.tick().await;
+    }
+    Instant::now() < until
+}
+
 /// Health Checks, one after another: the round trip without idemd's work.
 async fn ping_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut latencies = Latencies::new();
     let mut pace = pace(&shared.config, &mut rand::rng());
-    while Instant::now() < until {
-        if let Some(ticks) = pace.as_mut() {
-            ticks.tick().await;
-        }
+    while next_turn(&mut pace, until).await {
         let started = Instant::now();
         let check = shared.request(tonic_health::pb::HealthCheckRequest { service: String::new() });
         match client.check(check).await {
@@ -292,13 +300,7 @@ async fn worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latenc
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let tally = &shared.tally;
     let mut pace = pace(&shared.config, &mut rng);
-    while Instant::now() < until {
-        if let Some(ticks) = pace.as_mut() {
-            ticks.tick().await;
-            if Instant::now() >= until {
-                break;
-            }
-        }
+    while next_turn(&mut pace, until).await {
         let key = shared.key(&mut rng);
         let pair_started = Instant::now();
         let started = pair_started;
