@@ -194,6 +194,16 @@ impl Shared {
 /// The key park mode holds and waits on.
 const PARKING_KEY: &str = "parked";
 
+/// A Begin for the key park mode holds and waits on.
+fn parking_begin(shared: &Shared) -> pb::BeginRequest {
+    pb::BeginRequest {
+        namespace: shared.config.namespace.clone(),
+        key: format!("{}-{PARKING_KEY}", shared.run),
+        fingerprint: b"bench".to_vec(),
+        ..Default::default()
+    }
+}
+
 /// One Begin after another on the held key, each waiting until `until`.
 async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) -> Latencies {
     let mut client = IdempotencyClient::new(channel);
@@ -204,13 +214,7 @@ async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) ->
         if left < Duration::from_millis(100) {
             break;
         }
-        let begin = pb::BeginRequest {
-            namespace: shared.config.namespace.clone(),
-            key: format!("{}-{PARKING_KEY}", shared.run),
-            fingerprint: b"bench".to_vec(),
-            wait_timeout: Some(pb::duration(left)),
-            ..Default::default()
-        };
+        let begin = pb::BeginRequest { wait_timeout: Some(pb::duration(left)), ..parking_begin(&shared) };
         let mut request = shared.request(begin);
         request.set_timeout(left + Duration::from_secs(10));
         let started = Instant::now();
@@ -234,13 +238,7 @@ async fn parked_worker(shared: Arc<Shared>, channel: Channel, until: Instant) ->
 /// Park mode: takes the lease every worker will wait on, for the whole run.
 async fn hold_parking_key(shared: &Shared, channel: Channel) -> anyhow::Result<()> {
     let lease_ttl = (shared.config.duration + Duration::from_secs(60)).min(crate::config::MAX_LEASE_TTL);
-    let begin = pb::BeginRequest {
-        namespace: shared.config.namespace.clone(),
-        key: format!("{}-{PARKING_KEY}", shared.run),
-        fingerprint: b"bench".to_vec(),
-        lease_ttl: Some(pb::duration(lease_ttl)),
-        ..Default::default()
-    };
+    let begin = pb::BeginRequest { lease_ttl: Some(pb::duration(lease_ttl)), ..parking_begin(shared) };
     match IdempotencyClient::new(channel).begin(shared.request(begin)).await?.into_inner().outcome {
         Some(Outcome::Acquired(_)) => Ok(()),
         other => anyhow::bail!("could not take the key the waiters park on: {other:?}"),
