@@ -84,6 +84,33 @@ pub trait Store: Send + Sync + Clone + 'static {
 /// acquire, read what holds the record and apply Begin's table to it. A read
 /// that finds the record gone, aborted or expired means a transition happened
 /// in between, so the acquisition is attempted again.
+/// Binds a Begin's acquisition parameters in the order both dialects'
+/// `BEGIN_ACQUIRE` statements number them: namespace, key, fingerprint,
+/// lease (µs), retention (µs), downstream key, lease token, nonce.
+pub(crate) fn bind_acquire<'q, DB>(
+    query: sqlx::query::Query<'q, DB, DB::Arguments>,
+    request: &BeginRequest,
+    lease_token: &str,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    DB: sqlx::Database,
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> &'t [u8]: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> Option<&'t str>: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> i64: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    query
+        .bind(request.id.namespace.as_str())
+        .bind(request.id.key.as_str())
+        .bind(request.fingerprint.as_slice())
+        .bind(crate::domain::micros(request.lease_ttl))
+        .bind(crate::domain::micros(request.retention))
+        .bind(crate::domain::new_downstream_key())
+        .bind(lease_token)
+        .bind(request.attempt_nonce.as_deref())
+}
+
 pub(crate) async fn begin_rounds<A, AFut, R, RFut>(
     request: &BeginRequest,
     mut try_acquire: A,

@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 use super::group_commit::GroupCommit;
 use super::pg_session::{PgSession, primary_may_have_moved};
 use super::pg_target::PgTarget;
-use super::{Store, TokenCheck, begin_rounds};
+use super::{Store, TokenCheck, begin_rounds, bind_acquire};
 use crate::config::{DatabaseConfig, DbPooler};
 use crate::domain::{
     AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, ReapedLease, Record,
-    RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key, new_lease_token,
+    RecordId, State, StoredResponse, Timestamp, micros, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
@@ -460,20 +460,7 @@ impl PgStore {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
-            let row = self
-                .session
-                .fetch_optional(
-                    sqlx::query(BEGIN_ACQUIRE)
-                        .bind(id.namespace.as_str())
-                        .bind(id.key.as_str())
-                        .bind(request.fingerprint.as_slice())
-                        .bind(micros(request.lease_ttl))
-                        .bind(micros(request.retention))
-                        .bind(new_downstream_key())
-                        .bind(token.as_str())
-                        .bind(request.attempt_nonce.as_deref()),
-                )
-                .await?;
+            let row = self.session.fetch_optional(bind_acquire(sqlx::query(BEGIN_ACQUIRE), request, &token)).await?;
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
                     lease_token: token,

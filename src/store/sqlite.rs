@@ -14,11 +14,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, Row};
 
-use super::{Store, TokenCheck, begin_rounds};
+use super::{Store, TokenCheck, begin_rounds, bind_acquire};
 use crate::config::DatabaseConfig;
 use crate::domain::{
     AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, REAPER_REASON,
-    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_downstream_key, new_lease_token,
+    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
@@ -251,17 +251,8 @@ impl Store for SqliteStore {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
-            let row = sqlx::query(BEGIN_ACQUIRE.as_str())
-                .bind(id.namespace.as_str())
-                .bind(id.key.as_str())
-                .bind(request.fingerprint.as_slice())
-                .bind(micros(request.lease_ttl))
-                .bind(micros(request.retention))
-                .bind(new_downstream_key())
-                .bind(token.as_str())
-                .bind(request.attempt_nonce.as_deref())
-                .fetch_optional(&self.pool)
-                .await?;
+            let row =
+                bind_acquire(sqlx::query(BEGIN_ACQUIRE.as_str()), request, &token).fetch_optional(&self.pool).await?;
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
                     lease_token: token,
