@@ -156,6 +156,13 @@ pub struct DatabaseConfig {
     /// what is already queued, so a lone Begin never waits).
     #[arg(long, env = "IDEMD_GROUP_COMMIT_WINDOW", default_value = "0ms", value_parser = duration)]
     pub group_commit_window: Duration,
+
+    /// With group commit: batches of Begins (and, separately, of Completes)
+    /// in the database at once. With 1, the next batch gathers while one is
+    /// in the database; more overlap the round trip to a distant database at
+    /// the cost of smaller batches.
+    #[arg(long, env = "IDEMD_GROUP_COMMIT_IN_FLIGHT", default_value_t = 1)]
+    pub group_commit_in_flight: usize,
 }
 
 impl DatabaseConfig {
@@ -308,6 +315,9 @@ impl ServeConfig {
         if d.group_commit_max_batch == 0 || d.group_commit_max_batch > 1000 {
             return Err(bad("--group-commit-max-batch", "IDEMD_GROUP_COMMIT_MAX_BATCH", "must be between 1 and 1000"));
         }
+        if !(1..=16).contains(&d.group_commit_in_flight) {
+            return Err(bad("--group-commit-in-flight", "IDEMD_GROUP_COMMIT_IN_FLIGHT", "must be between 1 and 16"));
+        }
         if d.group_commit_window > Duration::from_millis(100) {
             return Err(bad("--group-commit-window", "IDEMD_GROUP_COMMIT_WINDOW", "must be at most 100ms"));
         }
@@ -379,6 +389,22 @@ mod tests {
         config.default_retention = Duration::from_secs(60);
         let error = config.validate().expect_err("retention below min").to_string();
         assert!(error.contains("--default-retention") && error.contains("IDEMD_DEFAULT_RETENTION"), "{error}");
+    }
+
+    #[test]
+    fn group_commit_in_flight_is_bounded() {
+        let mut config = ServeConfig::defaults();
+        assert_eq!(config.database.group_commit_in_flight, 1);
+        for refused in [0, 17] {
+            config.database.group_commit_in_flight = refused;
+            let error = config.validate().expect_err("out of range").to_string();
+            assert!(
+                error.contains("--group-commit-in-flight") && error.contains("IDEMD_GROUP_COMMIT_IN_FLIGHT"),
+                "{error}"
+            );
+        }
+        config.database.group_commit_in_flight = 16;
+        config.validate().expect("16 batches in flight");
     }
 
     #[test]

@@ -81,10 +81,11 @@ impl From<&ServeConfig> for Limits {
 
 /// Store calls admitted at once: eight per pooled connection (a call also
 /// spends time outside the database: the pool, decoding, group commit's
-/// queue), and never fewer than a full group commit batch per worker.
+/// queue), and never fewer than a full group commit batch in the database
+/// and one gathering, per batch in flight and kind.
 pub fn store_concurrency(database: &crate::config::DatabaseConfig) -> usize {
     let per_connection = database.db_max_connections as usize * 8;
-    per_connection.max(database.group_commit_max_batch * 4)
+    per_connection.max(database.group_commit_max_batch * 4 * database.group_commit_in_flight)
 }
 
 pub struct IdempotencyService<S> {

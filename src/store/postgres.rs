@@ -104,7 +104,7 @@ impl PgStore {
             return Ok(store);
         }
         // Workers run on a store without batchers: their one-key fallbacks go straight to SQL.
-        let workers = (config.db_max_connections as usize / 4).clamp(1, 4);
+        let workers = config.group_commit_in_flight;
         let batchers =
             GroupCommit::start(store.clone(), workers, config.group_commit_max_batch, config.group_commit_window);
         Ok(PgStore { batchers: Some(batchers), ..store })

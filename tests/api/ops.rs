@@ -74,6 +74,7 @@ async fn migrate_is_idempotent(backend: Backend) {
         store_timeout: Duration::from_secs(5),
         group_commit_max_batch: 1,
         group_commit_window: Duration::ZERO,
+        group_commit_in_flight: 1,
         db_pooler: idemd::config::DbPooler::None,
         direct_database_url: None,
     };
