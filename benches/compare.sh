@@ -51,7 +51,8 @@ VALUES ('pgbench', :client_id || '-' || :n, 1, 1, '\x6265'::bytea, 'idk_' || md5
         now() + greatest(60000000::bigint, 86400000000::bigint) * interval '1 microsecond')
 ON CONFLICT (namespace, key) DO UPDATE SET
     attempt = CASE WHEN r.expires_at <= now() THEN 1 ELSE r.attempt + 1 END,
-    state = 1, lease_token = EXCLUDED.lease_token, updated_at = now(), lease_expires_at = EXCLUDED.lease_expires_at
+    state = 1, lease_token = EXCLUDED.lease_token, updated_at = now(), lease_expires_at = EXCLUDED.lease_expires_at,
+    waiters = false
 WHERE r.expires_at <= now()
    OR (r.fingerprint = EXCLUDED.fingerprint AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
 RETURNING attempt, lease_expires_at, downstream_key;
@@ -61,9 +62,9 @@ WITH done AS (
         completed_at = now(), updated_at = now(), expires_at = now() + retention_us * interval '1 microsecond'
     WHERE namespace = 'pgbench' AND key = :client_id || '-' || :n AND state = 1 AND lease_token = 'lt_' || md5(:client_id || '-' || :n)
       AND lease_expires_at > now() AND expires_at > now()
-    RETURNING namespace, key, completed_at, expires_at
+    RETURNING namespace, key, completed_at, expires_at, waiters
 )
-SELECT completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text FROM done;
+SELECT completed_at, expires_at, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END FROM done;
 SQL
 
 median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.1f\n", (a[NR/2]+a[NR/2+1])/2}'; }

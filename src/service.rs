@@ -185,6 +185,7 @@ impl<S: Store> IdempotencyService<S> {
         // and the wait is not lost.
         let mut subscription = self.wakeups.subscribe(&request.id);
         let mut parked = None;
+        let mut watched = None;
         loop {
             let outcome = self.bounded("begin", deadline, || self.store.begin(request)).await?;
             let BeginOutcome::InProgress(busy) = &outcome else {
@@ -196,6 +197,15 @@ impl<S: Store> IdempotencyService<S> {
             }
             if parked.is_none() {
                 parked = Some((self.waiter_limits.admit(&request.id.namespace)?, self.metrics.waiting()));
+            }
+            // The transition that ends this attempt wakes us only if it finds
+            // the attempt marked as awaited; if it already ended, look again.
+            // (Without LISTEN, other replicas' transitions reach nobody here.)
+            if self.store.wakes_waiters() && watched != Some(busy.attempt) {
+                if !self.bounded("watch", deadline, || self.store.watch(&request.id, busy.attempt)).await? {
+                    continue;
+                }
+                watched = Some(busy.attempt);
             }
             // Wake at the latest when the holder's lease runs out (it may be
             // taken over then), or for the periodic re-check.
@@ -219,6 +229,7 @@ fn store_span_name(operation: &'static str) -> &'static str {
         "abort" => "store.abort",
         "heartbeat" => "store.heartbeat",
         "lookup" => "store.lookup",
+        "watch" => "store.watch",
         _ => "store",
     }
 }

@@ -46,6 +46,14 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// lease; a repeat by the same token is OK. Wakes the key's waiters.
     fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> impl Future<Output = Result<()>> + Send;
 
+    /// Marks `attempt` of the key as awaited before a Begin parks on it, so
+    /// that the transition ending it wakes this replica. False when that
+    /// attempt is no longer in flight: look again instead of parking. A store
+    /// that wakes on every transition has nothing to mark.
+    fn watch(&self, _id: &RecordId, _attempt: u32) -> impl Future<Output = Result<bool>> + Send {
+        std::future::ready(Ok(true))
+    }
+
     /// Extends a live lease to now + `lease_ttl`; returns the new expiry.
     fn heartbeat(
         &self,

@@ -235,7 +235,8 @@ ON CONFLICT (namespace, key) DO UPDATE SET
     updated_at       = now(),
     lease_expires_at = EXCLUDED.lease_expires_at,
     completed_at = NULL, response = NULL, response_code = NULL, content_type = NULL,
-    abort_reason = NULL, aborted_by = NULL
+    abort_reason = NULL, aborted_by = NULL,
+    waiters          = false
 WHERE r.expires_at <= now()
    OR (r.fingerprint = EXCLUDED.fingerprint
        AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
@@ -293,9 +294,9 @@ WITH b AS (
     WHERE r.namespace = b.namespace AND r.key = b.key AND l.namespace = r.namespace AND l.key = r.key
       AND r.state = 1 AND r.lease_token = b.lease_token
       AND r.lease_expires_at > now() AND r.expires_at > now()
-    RETURNING r.namespace, r.key, r.completed_at, r.expires_at
+    RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters
 )
-SELECT namespace, key, completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+SELECT namespace, key, completed_at, expires_at, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
 FROM done
 "#;
 
@@ -315,6 +316,21 @@ FROM idemd_records
 WHERE namespace = $1 AND key = $2 AND expires_at > now()
 "#;
 
+/// A waiter's mark on the attempt it waits for. True when the mark is
+/// there (set now, or by another waiter before); false when the attempt is
+/// no longer in flight, and the waiter should look again. A transition after
+/// a true answer locks the row after the mark and so sees it.
+const WATCH: &str = r#"
+WITH marked AS (
+    UPDATE idemd_records SET waiters = true
+    WHERE namespace = $1 AND key = $2 AND state = 1 AND attempt = $3 AND NOT waiters
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM marked)
+    OR EXISTS (SELECT 1 FROM idemd_records
+               WHERE namespace = $1 AND key = $2 AND state = 1 AND attempt = $3 AND waiters) AS watched
+"#;
+
 const COMPLETE: &str = r#"
 WITH done AS (
     UPDATE idemd_records
@@ -323,9 +339,9 @@ WITH done AS (
         expires_at = now() + retention_us * interval '1 microsecond'
     WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
       AND lease_expires_at > now() AND expires_at > now()
-    RETURNING namespace, key, completed_at, expires_at
+    RETURNING namespace, key, completed_at, expires_at, waiters
 )
-SELECT completed_at, expires_at, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+SELECT completed_at, expires_at, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
 FROM done
 "#;
 
@@ -335,9 +351,9 @@ WITH aborted AS (
     SET state = 3, aborted_by = 1, abort_reason = $4, updated_at = now()
     WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
       AND lease_expires_at > now() AND expires_at > now()
-    RETURNING namespace, key
+    RETURNING namespace, key, waiters
 )
-SELECT pg_notify('idemd_wake', namespace || '/' || key)::text AS notified FROM aborted
+SELECT CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified FROM aborted
 "#;
 
 const HEARTBEAT: &str = r#"
@@ -379,9 +395,9 @@ WITH due AS (
     FROM due
     WHERE r.namespace = due.namespace AND r.key = due.key
       AND r.state = 1 AND r.lease_expires_at <= now()
-    RETURNING r.namespace, r.key, r.attempt
+    RETURNING r.namespace, r.key, r.attempt, r.waiters
 )
-SELECT namespace, key, attempt, pg_notify('idemd_wake', namespace || '/' || key)::text AS notified
+SELECT namespace, key, attempt, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
 FROM reaped
 "#;
 
@@ -522,6 +538,18 @@ impl Store for PgStore {
             Some(check) => check.repeated_abort(lease_token),
             None => Err(Error::NotFound),
         }
+    }
+
+    async fn watch(&self, id: &RecordId, attempt: u32) -> Result<bool> {
+        let attempt = i32::try_from(attempt).map_err(|_| Error::Internal(format!("attempt {attempt} out of range")))?;
+        let row = self
+            .session
+            .fetch_optional(sqlx::query(WATCH).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(attempt))
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("watched")?,
+            None => false,
+        })
     }
 
     async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {

@@ -160,3 +160,24 @@ async fn postgres_waiter_is_woken_by_a_completion_on_another_replica() {
 async fn pgbouncer_waiter_is_woken_by_a_completion_on_another_replica() {
     waiter_is_woken_by_a_completion_on_another_replica(Backend::PgBouncer).await
 }
+
+/// A NOTIFY holds a database-wide lock until its transaction commits, so
+/// idemd notifies only for an attempt a waiter marked: a Complete nobody
+/// waits for is silent, one a waiter marked wakes it. NOTIFYs arrive in
+/// commit order, so the first one heard must be the awaited key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notifies_only_transitions_a_waiter_awaits() {
+    let app = spawn_app(Backend::Postgres).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&app.database_url).await.expect("connect");
+    listener.listen("idemd_wake").await.expect("listen");
+    let unawaited = app.acquire(begin_req("unawaited")).await;
+    app.complete("unawaited", &unawaited.lease_token, b"paid").await.expect("complete");
+    let aborted = app.acquire(begin_req("aborted")).await;
+    app.abort("aborted", &aborted.lease_token, "declined").await.expect("abort");
+    completion_wakes_the_waiter(&app, &app, b"paid while awaited").await;
+    let first = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification within 10 s")
+        .expect("receive");
+    assert_eq!(first.payload(), format!("{NS}/k"));
+}
