@@ -36,7 +36,10 @@ pub struct Batcher<Q, A> {
 }
 
 impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
-    fn start<F, Fut>(workers: usize, max_batch: usize, window: Duration, run: F) -> Self
+    /// A batch still running after `limit` (a database gone silent) is
+    /// given up, closing its connection, so the calls queued behind it
+    /// reach the database again once it answers or the primary moves.
+    fn start<F, Fut>(workers: usize, max_batch: usize, window: Duration, limit: Duration, run: F) -> Self
     where
         F: Fn(Vec<Item<Q, A>>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send,
@@ -47,7 +50,9 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
             let (run, receiver) = (run.clone(), Arc::clone(&receiver));
             tokio::spawn(async move {
                 while let Some(batch) = gather(&receiver, max_batch, window).await {
-                    run(batch).await;
+                    if tokio::time::timeout(limit, run(batch)).await.is_err() {
+                        tracing::warn!(?limit, "a group commit batch outlasted the store timeout; given up");
+                    }
                 }
             });
         }
@@ -57,7 +62,9 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     pub async fn submit(&self, request: Q) -> Result<A> {
         let (reply, answer) = oneshot::channel();
         self.queue.send((request, reply)).await.map_err(|_| Error::Internal("group commit stopped".into()))?;
-        answer.await.map_err(|_| Error::Internal("group commit dropped a call".into()))?
+        // Dropped unanswered: its batch was given up at the store timeout, so,
+        // as for a single call that timed out, it may or may not have committed.
+        answer.await.map_err(|_| Error::StoreTimeout)?
     }
 }
 
@@ -71,9 +78,11 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the workers over `store`, a store without batchers.
     pub fn start(store: PgStore, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
-        let begin_store = store.clone();
-        let begin = Batcher::start(workers, max_batch, window, move |batch| run_begins(begin_store.clone(), batch));
-        let complete = Batcher::start(workers, max_batch, window, move |batch| run_completes(store.clone(), batch));
+        let (begin_store, limit) = (store.clone(), store.store_timeout());
+        let begin =
+            Batcher::start(workers, max_batch, window, limit, move |batch| run_begins(begin_store.clone(), batch));
+        let complete =
+            Batcher::start(workers, max_batch, window, limit, move |batch| run_completes(store.clone(), batch));
         Arc::new(GroupCommit { begin, complete })
     }
 }
@@ -118,14 +127,16 @@ fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> Split
 fn begin_alone(store: &PgStore, (request, reply): Item<BeginRequest, BeginOutcome>) {
     let store = store.clone();
     tokio::spawn(async move {
-        let _ = reply.send(store.begin_single(&request).await);
+        let outcome = tokio::time::timeout(store.store_timeout(), store.begin_single(&request)).await;
+        let _ = reply.send(outcome.unwrap_or(Err(Error::StoreTimeout)));
     });
 }
 
 fn complete_alone(store: &PgStore, (request, reply): Item<CompleteRequest, Completion>) {
     let store = store.clone();
     tokio::spawn(async move {
-        let _ = reply.send(store.complete_single(&request).await);
+        let completion = tokio::time::timeout(store.store_timeout(), store.complete_single(&request)).await;
+        let _ = reply.send(completion.unwrap_or(Err(Error::StoreTimeout)));
     });
 }
 

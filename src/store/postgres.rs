@@ -162,6 +162,11 @@ impl PgStore {
         }))
     }
 
+    /// How long one call, or one group commit batch, may take in the database.
+    pub(super) fn store_timeout(&self) -> Duration {
+        self.store_timeout
+    }
+
     /// This replica's own transition, when no LISTEN relays it.
     fn woke(&self, id: &RecordId) {
         if let Some(wakeups) = &self.local_wakeups {
