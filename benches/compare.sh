@@ -11,7 +11,7 @@
 #
 #   benches/compare.sh                 # 20 s per run, 3 rounds, c = 1 16 64 256
 #   SECONDS_PER_RUN=10 ROUNDS=2 LEVELS="1 16 64" benches/compare.sh
-#   IDEMD_FLAGS="--group-commit-max-batch 32" benches/compare.sh   # group commit on
+#   IDEMD_FLAGS="--group-commit-max-batch 1" benches/compare.sh    # group commit off
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

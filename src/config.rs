@@ -147,9 +147,10 @@ pub struct DatabaseConfig {
     #[arg(long, env = "IDEMD_STORE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub store_timeout: Duration,
 
-    /// Postgres group commit: up to this many concurrent Begins run as one
-    /// statement (1 = off, every Begin its own statement).
-    #[arg(long, env = "IDEMD_GROUP_COMMIT_MAX_BATCH", default_value_t = 1)]
+    /// Postgres group commit: up to this many concurrent Begins (and,
+    /// separately, Completes) run as one statement (1 = off, every call its
+    /// own statement). A lone call never waits for company.
+    #[arg(long, env = "IDEMD_GROUP_COMMIT_MAX_BATCH", default_value_t = 32)]
     pub group_commit_max_batch: usize,
 
     /// How long a batch waits for more Begins once it has one (0: only

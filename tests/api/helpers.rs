@@ -116,21 +116,25 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
     };
     let mut config = test_config(&database_url);
     match backend {
+        // Group commit is the default; this backend keeps the one-statement
+        // path (`--group-commit-max-batch 1`) under the same suite.
+        Backend::Postgres => config.database.group_commit_max_batch = 1,
         Backend::PostgresBatched => {
             config.database.group_commit_max_batch = 32;
             // Batches overlapping in the database (rows locked in key order
             // so they cannot deadlock) are the harder case; the default, one
-            // at a time, runs in the faults suite's replica test.
+            // at a time, runs behind PgBouncer and in the faults suite.
             config.database.group_commit_in_flight = 4;
         }
         Backend::PgBouncer => {
+            // With the default group commit: batches through the pooler.
             // Migrations take a session lock, so they run on Postgres itself.
             idemd::server::migrate(&config.database).await.expect("migrate the test database");
             config.no_migrate = true;
             config.database.db_pooler = idemd::config::DbPooler::Transaction;
             config.database.database_url = DatabaseUrl::new(pooled_url(&database_url));
         }
-        Backend::Sqlite | Backend::Postgres => {}
+        Backend::Sqlite => {}
     }
     tweak(&mut config);
     let mut app = spawn_on(config).await;
