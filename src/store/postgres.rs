@@ -222,6 +222,16 @@ async fn listen_until_error(
     }
 }
 
+/// What a transition ending an attempt selects last: the NOTIFY on
+/// [`WAKE_CHANNEL`] (payload `namespace/key`), only when a waiter marked the
+/// attempt (see `WATCH`). Shared by Complete, Abort, the reaper and the
+/// batched Complete; each returns `waiters` from its UPDATE.
+macro_rules! notify_if_awaited {
+    () => {
+        "CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified"
+    };
+}
+
 /// Begin's conflict rule, shared by the one-key and the batched statement.
 macro_rules! begin_on_conflict {
     () => {
@@ -281,7 +291,8 @@ ORDER BY b.namespace, b.key
 );
 
 /// Group commit of Completes: distinct keys, rows locked in key order.
-pub(super) const COMPLETE_BATCH: &str = r#"
+pub(super) const COMPLETE_BATCH: &str = concat!(
+    r#"
 WITH b AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::text[])
         AS b(namespace, key, lease_token, response, response_code, content_type)
@@ -301,9 +312,12 @@ WITH b AS (
       AND r.lease_expires_at > now() AND r.expires_at > now()
     RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters
 )
-SELECT namespace, key, completed_at, expires_at, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
+SELECT namespace, key, completed_at, expires_at, "#,
+    notify_if_awaited!(),
+    r#"
 FROM done
-"#;
+"#
+);
 
 /// What holds the keys of a batch that did not acquire.
 pub(super) const BEGIN_READ_BATCH: &str = r#"
@@ -336,7 +350,8 @@ SELECT EXISTS (SELECT 1 FROM marked)
                WHERE namespace = $1 AND key = $2 AND state = 1 AND attempt = $3 AND waiters) AS watched
 "#;
 
-const COMPLETE: &str = r#"
+const COMPLETE: &str = concat!(
+    r#"
 WITH done AS (
     UPDATE idemd_records
     SET state = 2, response = $4, response_code = $5, content_type = $6,
@@ -346,11 +361,15 @@ WITH done AS (
       AND lease_expires_at > now() AND expires_at > now()
     RETURNING namespace, key, completed_at, expires_at, waiters
 )
-SELECT completed_at, expires_at, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
+SELECT completed_at, expires_at, "#,
+    notify_if_awaited!(),
+    r#"
 FROM done
-"#;
+"#
+);
 
-const ABORT: &str = r#"
+const ABORT: &str = concat!(
+    r#"
 WITH aborted AS (
     UPDATE idemd_records
     SET state = 3, aborted_by = 1, abort_reason = $4, updated_at = now()
@@ -358,8 +377,11 @@ WITH aborted AS (
       AND lease_expires_at > now() AND expires_at > now()
     RETURNING namespace, key, waiters
 )
-SELECT CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified FROM aborted
-"#;
+SELECT "#,
+    notify_if_awaited!(),
+    r#" FROM aborted
+"#
+);
 
 const HEARTBEAT: &str = r#"
 UPDATE idemd_records
@@ -387,7 +409,8 @@ FROM idemd_records
 WHERE namespace = $1 AND key = $2 AND expires_at > now()
 "#;
 
-const REAP: &str = r#"
+const REAP: &str = concat!(
+    r#"
 WITH due AS (
     SELECT namespace, key FROM idemd_records
     WHERE state = 1 AND lease_expires_at <= now()
@@ -402,9 +425,12 @@ WITH due AS (
       AND r.state = 1 AND r.lease_expires_at <= now()
     RETURNING r.namespace, r.key, r.attempt, r.waiters
 )
-SELECT namespace, key, attempt, CASE WHEN waiters THEN pg_notify('idemd_wake', namespace || '/' || key)::text END AS notified
+SELECT namespace, key, attempt, "#,
+    notify_if_awaited!(),
+    r#"
 FROM reaped
-"#;
+"#
+);
 
 const PURGE: &str = r#"
 WITH due AS (
