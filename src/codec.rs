@@ -61,6 +61,12 @@ impl<T: Message> Encoder for StrictEncoder<T> {
 #[derive(Debug)]
 pub struct StrictDecoder<U>(PhantomData<U>);
 
+impl<U> Default for StrictDecoder<U> {
+    fn default() -> Self {
+        StrictDecoder(PhantomData)
+    }
+}
+
 impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Item = U;
     type Error = Status;

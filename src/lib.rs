@@ -3,6 +3,8 @@
 //! Map of the crate, from the wire inwards:
 //! - [`server`] binds the gRPC port and wires everything; shuts down gracefully.
 //! - [`service`] implements the five RPCs: validate, call one store method, encode.
+//! - [`begin_route`] answers Begin in front of tonic's router, so a parked
+//!   waiter holds little.
 //! - [`codec`] decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
 //! - [`error`] is the one error type and its one mapping to `tonic::Status`.
 //! - [`domain`] holds plain validated types and the outcome of each transition.
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod begin_route;
 pub mod bench;
 pub mod client;
 pub mod codec;

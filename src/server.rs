@@ -19,6 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 
 use crate::auth::{AuthInterceptor, Authenticator};
+use crate::begin_route::{BeginHandler, BeginRouteLayer};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::health::Readiness;
@@ -156,7 +157,7 @@ async fn serve<S: Store>(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let stop_waiting = CancellationToken::new();
-    let service = IdempotencyService::new(
+    let service = Arc::new(IdempotencyService::new(
         store.clone(),
         wakeups,
         Arc::clone(&metrics),
@@ -165,9 +166,10 @@ async fn serve<S: Store>(
             ..Limits::from(&config)
         },
         stop_waiting.clone(),
-    );
-    let service = pb::idempotency_server::IdempotencyServer::new(service)
-        .max_decoding_message_size(config.max_response_bytes + REQUEST_OVERHEAD_BYTES);
+    ));
+    let max_request_bytes = config.max_response_bytes + REQUEST_OVERHEAD_BYTES;
+    let idempotency = pb::idempotency_server::IdempotencyServer::from_arc(Arc::clone(&service))
+        .max_decoding_message_size(max_request_bytes);
     let authenticator = match &config.auth_tokens_file {
         Some(path) => {
             let authenticator = Authenticator::load(path)?;
@@ -181,7 +183,8 @@ async fn serve<S: Store>(
         }
     };
     // Health and reflection stay open: Kubernetes probes send no credentials.
-    let service = InterceptedService::new(service, AuthInterceptor(authenticator));
+    let begin = BeginHandler::new(service, AuthInterceptor(authenticator.clone()), max_request_bytes);
+    let idempotency = InterceptedService::new(idempotency, AuthInterceptor(authenticator));
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
@@ -213,10 +216,12 @@ async fn serve<S: Store>(
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(WireErrorsLayer)
+        // Begin is answered before the router: a parked waiter holds less.
+        .layer(BeginRouteLayer(begin))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service);
+        .add_service(idempotency);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let server = async {
         match tls {

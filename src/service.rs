@@ -602,6 +602,27 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
     }
 }
 
+/// A service on a throwaway SQLite database, for unit tests here and in
+/// `begin_route`.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    /// The folder holds the database: keep it for as long as the service.
+    pub async fn sqlite_service() -> (IdempotencyService<SqliteStore>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let mut config = ServeConfig::defaults();
+        config.database.database_url =
+            format!("sqlite://{}/unit.db", dir.path().display()).parse().expect("sqlite url");
+        let wakeups = Wakeups::new();
+        let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups)).await.expect("sqlite store");
+        let metrics = Metrics::new().expect("metrics");
+        let service = IdempotencyService::new(store, wakeups, metrics, Limits::from(&config), CancellationToken::new());
+        (service, dir)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,16 +664,7 @@ mod tests {
     #[tokio::test]
     async fn a_parked_begin_stays_small() {
         use pb::idempotency_server::Idempotency;
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let mut config = ServeConfig::defaults();
-        config.database.database_url =
-            format!("sqlite://{}/size.db", dir.path().display()).parse().expect("sqlite url");
-        let wakeups = Wakeups::new();
-        let store = crate::store::sqlite::SqliteStore::connect(&config.database, Arc::clone(&wakeups))
-            .await
-            .expect("sqlite store");
-        let metrics = Metrics::new().expect("metrics");
-        let service = IdempotencyService::new(store, wakeups, metrics, Limits::from(&config), CancellationToken::new());
+        let (service, _dir) = test_support::sqlite_service().await;
         let begin = service.begin(Request::new(pb::BeginRequest {
             namespace: "ns".into(),
             key: "k".into(),
