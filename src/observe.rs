@@ -35,8 +35,6 @@ impl RpcCall {
             "rpc",
             otel.name = span_name(method),
             otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = SERVICE_NAME,
             rpc.method = method,
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
@@ -46,6 +44,11 @@ impl RpcCall {
         );
         // Without a trace exporter there is no OpenTelemetry context to join.
         let _ = span.set_parent(remote_context(request.metadata()));
+        // The same for every call: given to the trace only, not formatted
+        // into every log line's span context (and kept by every parked
+        // waiter's span as text).
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", SERVICE_NAME);
         RpcCall { method, span, started: Instant::now(), metrics: Arc::clone(metrics) }
     }
 
