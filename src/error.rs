@@ -120,15 +120,10 @@ impl From<sqlx::Error> for Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = error.code();
+        // What went wrong inside is logged by the RPC (`observe`), never sent.
         let message = match &error {
-            Error::StoreUnavailable(source) => {
-                tracing::warn!(error = %source, "store unavailable");
-                "store unavailable; retry with backoff".to_string()
-            }
-            Error::Internal(detail) => {
-                tracing::error!(%detail, "internal error");
-                "internal error".to_string()
-            }
+            Error::StoreUnavailable(_) => "store unavailable; retry with backoff".to_string(),
+            Error::Internal(_) => "internal error".to_string(),
             other => other.to_string(),
         };
         let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, HashMap::new());

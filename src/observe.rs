@@ -2,17 +2,18 @@
 //! context) with the attributes operators filter on, and its request count
 //! and latency. Never a key, a payload or a lease token.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Level;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::pb::SERVICE_NAME;
-use crate::telemetry::remote_context;
+use crate::telemetry::{remote_context, traces_exported};
 
 /// A successful RPC's message and what to report about it.
 pub struct Reply<T> {
@@ -25,23 +26,34 @@ pub struct Reply<T> {
 pub struct RpcCall {
     method: &'static str,
     span: tracing::Span,
+    /// For the log line of a failed call: its span may be off (DEBUG).
+    namespace: OnceLock<String>,
     started: Instant,
     metrics: Arc<Metrics>,
 }
 
-impl RpcCall {
-    pub fn start<T>(method: &'static str, request: &Request<T>, metrics: &Arc<Metrics>) -> Self {
-        let span = tracing::info_span!(
+/// The RPC's span at `$level` (one call site per level: a span's level is static).
+macro_rules! rpc_span {
+    ($level:expr, $method:expr) => {
+        tracing::span!(
+            $level,
             "rpc",
-            otel.name = span_name(method),
+            otel.name = span_name($method),
             otel.kind = "server",
-            rpc.method = method,
+            rpc.method = $method,
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
             idemd.namespace = Empty,
             idemd.outcome = Empty,
             idemd.attempt = Empty,
-        );
+        )
+    };
+}
+
+impl RpcCall {
+    pub fn start<T>(method: &'static str, request: &Request<T>, metrics: &Arc<Metrics>) -> Self {
+        // INFO only when exported as a trace (see `traces_exported`).
+        let span = if traces_exported() { rpc_span!(Level::INFO, method) } else { rpc_span!(Level::DEBUG, method) };
         // Without a trace exporter there is no OpenTelemetry context to join.
         let _ = span.set_parent(remote_context(request.metadata()));
         // The same for every call: given to the trace only, not formatted
@@ -49,7 +61,7 @@ impl RpcCall {
         // waiter's span as text).
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", SERVICE_NAME);
-        RpcCall { method, span, started: Instant::now(), metrics: Arc::clone(metrics) }
+        RpcCall { method, span, namespace: OnceLock::new(), started: Instant::now(), metrics: Arc::clone(metrics) }
     }
 
     pub fn span(&self) -> &tracing::Span {
@@ -59,6 +71,7 @@ impl RpcCall {
     /// Records the namespace once it is known to be valid (bounded in size).
     pub fn namespace(&self, namespace: &str) {
         self.span.record("idemd.namespace", namespace);
+        let _ = self.namespace.set(namespace.to_string());
     }
 
     /// Reports the call and turns its result into the gRPC answer.
@@ -72,7 +85,8 @@ impl RpcCall {
             }
             Err(error) => {
                 let outcome = outcome_of_error(&error);
-                let status = self.span.in_scope(|| Status::from(error));
+                self.span.in_scope(|| self.log_failure(&error));
+                let status = Status::from(error);
                 self.span.record("otel.status_code", "ERROR");
                 (status.code(), outcome, Err(status))
             }
@@ -86,6 +100,23 @@ impl RpcCall {
         }
         self.metrics.rpc(self.method, code, self.started.elapsed());
         answer
+    }
+}
+
+impl RpcCall {
+    /// An outage or a bug is worth a line naming the call; a caller's
+    /// mistake (a bad field, a lost lease) is not.
+    fn log_failure(&self, error: &Error) {
+        let namespace = self.namespace.get().map(String::as_str);
+        match error {
+            Error::StoreUnavailable(source) => {
+                tracing::warn!(rpc.method = self.method, idemd.namespace = namespace, error = %source, "store unavailable");
+            }
+            Error::Internal(detail) => {
+                tracing::error!(rpc.method = self.method, idemd.namespace = namespace, %detail, "internal error");
+            }
+            _ => {}
+        }
     }
 }
 
@@ -114,5 +145,51 @@ fn outcome_of_error(error: &Error) -> &'static str {
         Error::TooManyWaiters(_) => "too_many_waiters",
         Error::RateLimited => "rate_limited",
         Error::Internal(_) => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Log output, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log buffer").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_store_outage_is_logged_naming_the_call_though_its_span_is_off() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(Level::INFO)
+            .with_ansi(false)
+            .finish();
+        let metrics = Metrics::new().expect("metrics");
+        tracing::subscriber::with_default(subscriber, || {
+            let call = RpcCall::start("Begin", &Request::new(()), &metrics);
+            call.namespace("payments");
+            let status = call.finish::<()>(Err(Error::StoreUnavailable(sqlx::Error::PoolTimedOut))).expect_err("fails");
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(!status.message().contains("pool"), "the cause is logged, not sent: {status:?}");
+        });
+        let logged = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8");
+        assert!(logged.contains("WARN") && logged.contains("store unavailable"), "{logged}");
+        assert!(logged.contains(r#"rpc.method="Begin""#), "{logged}");
+        assert!(logged.contains(r#"idemd.namespace="payments""#), "{logged}");
+        assert!(logged.contains("pool timed out"), "the cause: {logged}");
+        assert!(!logged.contains("rpc{"), "no trace exporter: the RPC span is DEBUG: {logged}");
     }
 }

@@ -149,7 +149,12 @@ impl<S: Store> IdempotencyService<S> {
         deadline: Option<Instant>,
         call: impl FnOnce() -> F,
     ) -> Result<T> {
-        let span = tracing::info_span!("store", otel.name = store_span_name(operation), db.operation = operation);
+        // INFO only when exported as a trace, like the RPC's span.
+        let span = if crate::telemetry::traces_exported() {
+            tracing::info_span!("store", otel.name = store_span_name(operation), db.operation = operation)
+        } else {
+            tracing::debug_span!("store", otel.name = store_span_name(operation), db.operation = operation)
+        };
         let store_limit = Instant::now() + self.limits.store_timeout;
         let (limit, callers_deadline) = match deadline {
             Some(deadline) if deadline < store_limit => (deadline, true),
