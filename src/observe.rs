@@ -101,9 +101,7 @@ impl RpcCall {
         self.metrics.rpc(self.method, code, self.started.elapsed());
         answer
     }
-}
 
-impl RpcCall {
     /// An outage or a bug is worth a line naming the call; a caller's
     /// mistake (a bad field, a lost lease) is not.
     fn log_failure(&self, error: &Error) {
