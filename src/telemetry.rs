@@ -91,7 +91,16 @@ pub fn init(format: LogFormat) -> anyhow::Result<TelemetryGuard> {
         let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource()).build();
         let tracer = provider.tracer("idemd");
         guard.tracer_provider = Some(provider);
-        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        // The span macro's file and line, the creating thread, the target
+        // and busy/idle time are the same for every RPC span or meaningless
+        // for async work, and each span carries them for as long as its call
+        // lasts: 10,000 parked waiters 91 MiB with them, 80 without.
+        let layer = tracing_opentelemetry::layer()
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false);
+        Some(layer.with_tracer(tracer))
     } else {
         None
     };

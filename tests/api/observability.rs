@@ -140,6 +140,19 @@ async fn spans_reach_the_otlp_collector_under_the_callers_trace() {
     assert_eq!(begin.attributes.get("idemd.namespace").map(|v| plain(v)), Some(NS.to_string()));
     assert_eq!(begin.attributes.get("idemd.outcome").map(|v| plain(v)), Some("acquired".to_string()));
     assert_eq!(begin.attributes.get("idemd.attempt").map(|v| plain(v)), Some("1".to_string()));
+    // Nothing that is the same for every span (or meaningless for async work).
+    for constant in [
+        "code.file.path",
+        "code.line.number",
+        "code.module.name",
+        "thread.id",
+        "thread.name",
+        "target",
+        "busy_ns",
+        "idle_ns",
+    ] {
+        assert!(!begin.attributes.contains_key(constant), "{constant} in {:?}", begin.attributes);
+    }
     let complete = rpc("Complete");
     assert_eq!(complete.trace_id, trace_id);
     assert_eq!(complete.attributes.get("idemd.outcome").map(|v| plain(v)), Some("completed".to_string()));
