@@ -6,14 +6,13 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::Level;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::pb::SERVICE_NAME;
-use crate::telemetry::{remote_context, traces_exported};
+use crate::telemetry::{remote_context, traced_span};
 
 /// A successful RPC's message and what to report about it.
 pub struct Reply<T> {
@@ -32,28 +31,19 @@ pub struct RpcCall {
     metrics: Arc<Metrics>,
 }
 
-/// The RPC's span at `$level` (one call site per level: a span's level is static).
-macro_rules! rpc_span {
-    ($level:expr, $method:expr) => {
-        tracing::span!(
-            $level,
+impl RpcCall {
+    pub fn start<T>(method: &'static str, request: &Request<T>, metrics: &Arc<Metrics>) -> Self {
+        let span = traced_span!(
             "rpc",
-            otel.name = span_name($method),
+            otel.name = span_name(method),
             otel.kind = "server",
-            rpc.method = $method,
+            rpc.method = method,
             rpc.grpc.status_code = Empty,
             otel.status_code = Empty,
             idemd.namespace = Empty,
             idemd.outcome = Empty,
             idemd.attempt = Empty,
-        )
-    };
-}
-
-impl RpcCall {
-    pub fn start<T>(method: &'static str, request: &Request<T>, metrics: &Arc<Metrics>) -> Self {
-        // INFO only when exported as a trace (see `traces_exported`).
-        let span = if traces_exported() { rpc_span!(Level::INFO, method) } else { rpc_span!(Level::DEBUG, method) };
+        );
         // Without a trace exporter there is no OpenTelemetry context to join.
         let _ = span.set_parent(remote_context(request.metadata()));
         // The same for every call: given to the trace only, not formatted
@@ -149,6 +139,8 @@ fn outcome_of_error(error: &Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use tracing::Level;
 
     use super::*;
 

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::observe::{Reply, RpcCall};
 use crate::pb;
 use crate::store::Store;
+use crate::telemetry::traced_span;
 use crate::wakeups::Wakeups;
 
 /// A waiter re-checks its key about this often even without a wake-up: the
@@ -149,12 +150,7 @@ impl<S: Store> IdempotencyService<S> {
         deadline: Option<Instant>,
         call: impl FnOnce() -> F,
     ) -> Result<T> {
-        // INFO only when exported as a trace, like the RPC's span.
-        let span = if crate::telemetry::traces_exported() {
-            tracing::info_span!("store", otel.name = store_span_name(operation), db.operation = operation)
-        } else {
-            tracing::debug_span!("store", otel.name = store_span_name(operation), db.operation = operation)
-        };
+        let span = traced_span!("store", otel.name = store_span_name(operation), db.operation = operation);
         let store_limit = Instant::now() + self.limits.store_timeout;
         let (limit, callers_deadline) = match deadline {
             Some(deadline) if deadline < store_limit => (deadline, true),

@@ -74,6 +74,20 @@ pub fn traces_exported() -> bool {
     TRACES_EXPORTED.load(Ordering::Relaxed)
 }
 
+/// A span that is INFO when traces are exported and DEBUG otherwise (see
+/// [`traces_exported`]); one call site per level, since a span's level is
+/// static.
+macro_rules! traced_span {
+    ($name:literal, $($fields:tt)*) => {
+        if $crate::telemetry::traces_exported() {
+            tracing::info_span!($name, $($fields)*)
+        } else {
+            tracing::debug_span!($name, $($fields)*)
+        }
+    };
+}
+pub(crate) use traced_span;
+
 /// Installs the global subscriber: log lines, plus spans over OTLP when
 /// configured. A second call (tests) keeps the first subscriber.
 pub fn init(format: LogFormat) -> anyhow::Result<TelemetryGuard> {
