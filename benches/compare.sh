@@ -5,8 +5,9 @@
 # synchronous_commit on) and idemd (release build) on it, then alternates
 # pgbench running idemd's own Begin and Complete statements (one transaction
 # each, prepared, same table) with `idemd bench` at the same concurrency, and
-# prints the medians and their ratio. Then idemd paced (`--rate`) to half of
-# its peak, at the peak's concurrency, for the latency at that load. A last
+# prints the medians and their ratio. Then idemd and pgbench paced to half of
+# idemd's peak, at the peak's concurrency and at 64 clients, for the latency
+# of a pair at that load (p50 and p99, the same measure for both). A last
 # row runs idemd on SQLite.
 #
 #   benches/compare.sh                 # 20 s per run, 3 rounds, c = 1 16 64 256
@@ -108,11 +109,31 @@ print(f'one client, mean latency: pgbench pair {pg:.3f} ms, idemd pair {idm:.3f}
   printf '%-12s %16.0f %16.0f %8.2f %18.2f\n' "$c" "$pg_m" "$id_m" "$(python3 -c "print($id_m / $pg_m)")" "$p99_m"
   if python3 -c "import sys; sys.exit(0 if $id_m > $peak else 1)"; then peak=$id_m; peak_c=$c; fi
 done
-# Latency at half of the peak: the peak's concurrency, paced to half its rate.
+# Latency at half of the peak: idemd paced to half its best rate, at the
+# peak's concurrency and at 64 clients, and pgbench paced to the same rate
+# with the same clients. Both measure a pair from the moment it is sent to
+# its answer: pgbench's schedule lag (time spent behind its own timetable) is
+# left out, as idemd bench starts its clock when it sends.
 half=$(python3 -c "print(round($peak / 2))")
-log "half of the peak: $half pairs/s over $peak_c workers"
-read -r rate tail errors <<<"$(idemd_run "$peak_c" "$grpc_port" --rate "$half")"
-printf '%-12s %16s %16.0f %8s %18.2f\n' "$peak_c @ $half/s" "-" "$rate" "-" "$tail"
+paced_levels=$(printf '%s\n' "$peak_c" 64 | awk '!seen[$0]++')
+printf '\nhalf of the peak (%s pairs/s), latency of a pair:\n' "$half"
+printf '%-12s %-8s %10s %10s %10s\n' clients "" "pairs/s" "p50 ms" "p99 ms"
+for c in $paced_levels; do
+  log "half of the peak: $half pairs/s over $c clients (pgbench, then idemd)"
+  rm -f "$root"/paced.*
+  "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$c" -j 2 -T "$seconds" -R "$half" \
+    -f "$root/pair.sql" --log --log-prefix="$root/paced" idemd >/dev/null 2>&1
+  # pgbench's log: client, transaction, latency µs (from the scheduled start), script,
+  # epoch s, µs, schedule lag µs.
+  cat "$root"/paced.* 2>/dev/null | awk '{print ($3 - $7) / 1000}' | sort -n \
+    | awk -v c="$c" -v s="$seconds" '{a[NR] = $1}
+        END {if (NR == 0) printf "%-12s %-8s (no transactions logged)\n", c, "pgbench"
+             else printf "%-12s %-8s %10.0f %10.2f %10.2f\n", c, "pgbench", NR / s, a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1]}'
+  "$idemd" bench --addr "http://127.0.0.1:$grpc_port" --concurrency "$c" --duration "${seconds}s" --rate "$half" --json \
+    | python3 -c 'import json, sys
+r = json.load(sys.stdin); p = r["latency_ms"]["pair"]; e = r["errors"]
+print("%-12s %-8s %10.0f %10.2f %10.2f%s" % (sys.argv[1], "idemd", r["pairs_per_second"], p["p50"], p["p99"], "  (%d errors)" % e if e else ""))' "$c"
+done
 [ -z "$floor" ] || printf '%s\n' "$floor"
 kill -TERM "$server"; wait "$server" || true
 
