@@ -36,6 +36,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::AuthInterceptor;
 use crate::codec::StrictDecoder;
+use crate::error::Error;
 use crate::pb;
 use crate::pb::idempotency_server::Idempotency;
 use crate::service::IdempotencyService;
@@ -62,7 +63,8 @@ impl<S: Store> BeginHandler<S> {
     }
 
     /// What tonic does before calling a unary method: the interceptor, the
-    /// compression check, then exactly one message and the body's trailers.
+    /// compression check, then the first message (tonic reads and drops any
+    /// further ones, and so does `trailers`) and the body's trailers.
     async fn decode<B>(self: Arc<Self>, request: http::Request<B>) -> Result<Request<pb::BeginRequest>, Status>
     where
         B: http_body::Body + Send + 'static,
@@ -100,7 +102,10 @@ fn refuse_compression(metadata: &MetadataMap) -> Result<(), Status> {
     Err(status)
 }
 
-/// The request's trailers added to its headers, as tonic does.
+/// The request's trailers added after its headers. tonic's own merge lets a
+/// trailer replace a header of the same name; here the header's value stays
+/// first (what `get` returns), so a trailer cannot change what the headers
+/// said, e.g. `traceparent`. Credentials are checked before the body anyway.
 fn merged(metadata: MetadataMap, trailers: MetadataMap) -> MetadataMap {
     let mut headers = metadata.into_headers();
     // A header's further values come without its name.
@@ -121,14 +126,14 @@ fn encode(response: Response<pb::BeginResponse>) -> http::Response<Body> {
     let (metadata, message, extensions) = response.into_parts();
     let length = message.encoded_len();
     let Ok(prefix) = u32::try_from(length) else {
-        return Status::internal("the reply does not fit in one gRPC message").into_http();
+        return reply_not_encoded(format!("a reply of {length} bytes does not fit in one gRPC message"));
     };
     let mut frame = BytesMut::with_capacity(5 + length);
     frame.put_u8(0);
     frame.put_u32(prefix);
     // The buffer was sized from encoded_len, so prost cannot run out of room.
     if let Err(error) = message.encode(&mut frame) {
-        return Status::internal(format!("encoding the reply: {error}")).into_http();
+        return reply_not_encoded(format!("encoding the reply: {error}"));
     }
     let mut trailers = HeaderMap::new();
     trailers.insert(Status::GRPC_STATUS, HeaderValue::from_static("0"));
@@ -138,6 +143,16 @@ fn encode(response: Response<pb::BeginResponse>) -> http::Response<Body> {
     reply.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     *reply.extensions_mut() = extensions;
     reply
+}
+
+/// Neither failure can happen to a Begin reply (its size is bounded and the
+/// buffer is sized for it), but if one did, the Begin may already hold a
+/// lease: the caller must hear idemd's INTERNAL, with our details so that
+/// [`crate::codec::WireErrorsLayer`] does not take it for a malformed request
+/// (a bare INTERNAL in the headers is what tonic's framing errors look like).
+fn reply_not_encoded(cause: String) -> http::Response<Body> {
+    tracing::error!(rpc.method = "Begin", %cause, "internal error");
+    Status::from(Error::Internal(cause)).into_http()
 }
 
 /// The layer in front of the router (see the module comment).
@@ -268,6 +283,17 @@ mod tests {
         };
         let size = std::mem::size_of_val(&*answer);
         assert!(size <= 64, "the Begin route's future grew to {size} bytes");
+    }
+
+    #[test]
+    fn a_reply_that_cannot_be_encoded_is_idemds_internal_not_a_wire_error() {
+        let reply = reply_not_encoded("too big".to_string());
+        let headers = reply.headers();
+        assert_eq!(headers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"13"[..]));
+        // What WireErrorsLayer looks for to leave a reply as it is.
+        assert!(headers.contains_key("grpc-status-details-bin"), "{headers:?}");
+        let status = Status::from_header_map(headers).expect("a status");
+        assert_eq!(status.message(), "internal error", "the cause is logged, not sent");
     }
 
     #[test]
