@@ -385,6 +385,41 @@ async fn waiters_are_capped_per_namespace_and_overall() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_caller_hangs_up_gives_its_slot_back() {
+    // Otherwise every abandoned wait would leak a slot until Begins with
+    // wait_timeout were refused for good.
+    let app = spawn_app_with(Backend::Sqlite, |c| {
+        c.max_waiters = 1;
+        c.max_waiters_per_namespace = 1;
+    })
+    .await;
+    let waiters = || async { scrape(app.metrics_addr).await.get("idemd_waiters").copied() };
+    let park = || {
+        let mut client = app.client.clone();
+        let mut request = begin_req("held");
+        request.wait_timeout = secs(60);
+        tokio::spawn(async move { client.begin(request).await })
+    };
+    let held = app.acquire(begin_req("held")).await;
+    let abandoned = park();
+    eventually("one parked", Duration::from_secs(5), || async { (waiters().await == Some(1.0)).then_some(()) }).await;
+    // Dropping the call resets its HTTP/2 stream, as a caller's timeout or crash does.
+    abandoned.abort();
+    eventually("the slot given back", Duration::from_secs(5), || async {
+        (waiters().await == Some(0.0)).then_some(())
+    })
+    .await;
+    let next = park();
+    eventually("the next one parked", Duration::from_secs(5), || async {
+        (waiters().await == Some(1.0)).then_some(())
+    })
+    .await;
+    app.complete("held", &held.lease_token, b"ok").await.expect("complete");
+    let outcome = next.await.expect("task").expect("answered").into_inner().outcome;
+    assert!(matches!(outcome, Some(Outcome::Completed(_))), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_rate_is_limited_per_namespace() {
     // One a second: the boundary holds however slow this machine is.
     let app = spawn_app_with(Backend::Sqlite, |c| c.rate_limit_per_namespace = 1).await;
