@@ -4,6 +4,7 @@
 //! machine's), read inside each statement, in microseconds since the Unix
 //! epoch. Waiters are woken in-process.
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -46,6 +47,28 @@ fn ts(us: i64) -> Result<Timestamp> {
 }
 
 impl SqliteStore {
+    /// Runs a Complete or Abort statement to its end in a task of its own
+    /// and wakes the key's waiters when it changed the record. SQLite
+    /// finishes a statement it has started even when the call that sent it
+    /// is dropped (the caller's deadline, a hang-up, the store timeout while
+    /// the write lock is busy); the wake-up must not be dropped with that
+    /// call, or the waiters would sit until their safety-net re-check.
+    async fn settle<F>(&self, id: &RecordId, statement: F) -> Result<Option<SqliteRow>>
+    where
+        F: Future<Output = std::result::Result<Option<SqliteRow>, sqlx::Error>> + Send + 'static,
+    {
+        let (wakeups, id) = (Arc::clone(&self.wakeups), id.clone());
+        let settled = tokio::spawn(async move {
+            let row = statement.await?;
+            if row.is_some() {
+                wakeups.wake(&id);
+            }
+            Ok::<_, sqlx::Error>(row)
+        });
+        let row = settled.await.map_err(|error| Error::Internal(format!("a store task ended early: {error}")))??;
+        Ok(row)
+    }
+
     pub async fn connect(config: &DatabaseConfig, wakeups: Arc<Wakeups>) -> Result<Self> {
         let url = config.database_url.expose();
         let in_memory = url.contains(":memory:") || url.contains("mode=memory");
@@ -276,17 +299,19 @@ impl Store for SqliteStore {
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
         let id = &request.id;
-        let row = sqlx::query(COMPLETE.as_str())
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(request.lease_token.as_str())
-            .bind(request.response.as_slice())
-            .bind(request.response_code)
-            .bind(request.content_type.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(row) = row {
-            self.wakeups.wake(id);
+        let (pool, owned) = (self.pool.clone(), request.clone());
+        let statement = async move {
+            sqlx::query(COMPLETE.as_str())
+                .bind(owned.id.namespace.as_str())
+                .bind(owned.id.key.as_str())
+                .bind(owned.lease_token.as_str())
+                .bind(owned.response.as_slice())
+                .bind(owned.response_code)
+                .bind(owned.content_type.as_str())
+                .fetch_optional(&pool)
+                .await
+        };
+        if let Some(row) = self.settle(id, statement).await? {
             return Ok(Completion {
                 completed_at: ts_of(&row, "completed_at")?,
                 expires_at: ts_of(&row, "expires_at")?,
@@ -299,15 +324,18 @@ impl Store for SqliteStore {
     }
 
     async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
-        let row = sqlx::query(ABORT.as_str())
-            .bind(id.namespace.as_str())
-            .bind(id.key.as_str())
-            .bind(lease_token)
-            .bind(reason)
-            .fetch_optional(&self.pool)
-            .await?;
-        if row.is_some() {
-            self.wakeups.wake(id);
+        let (pool, owned) = (self.pool.clone(), (id.clone(), lease_token.to_string(), reason.to_string()));
+        let statement = async move {
+            let (id, lease_token, reason) = owned;
+            sqlx::query(ABORT.as_str())
+                .bind(id.namespace.as_str())
+                .bind(id.key.as_str())
+                .bind(lease_token.as_str())
+                .bind(reason.as_str())
+                .fetch_optional(&pool)
+                .await
+        };
+        if self.settle(id, statement).await?.is_some() {
             return Ok(());
         }
         match self.token_check(id).await? {

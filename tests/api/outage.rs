@@ -94,4 +94,36 @@ async fn begin_fails_closed_when_the_store_does_not_answer(backend: Backend) {
     assert_eq!((record.state, record.response), (idemd::pb::State::Completed as i32, b"ok".to_vec()));
 }
 
+/// SQLite runs a statement it has started to its end even when the call that
+/// sent it is gone, and wakes waiters in-process. (On Postgres the wake-up is
+/// a NOTIFY in the statement's own transaction.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_hear_a_complete_whose_caller_hung_up_before_it_landed() {
+    let app = spawn_app_with(Backend::Sqlite, |c| c.database.store_timeout = Duration::from_secs(10)).await;
+    let held = app.acquire(begin_req("k")).await;
+    let mut waiting = begin_req("k");
+    waiting.wait_timeout = secs(60);
+    let mut client = app.client.clone();
+    let waiter = tokio::spawn(async move { client.begin(waiting).await });
+    eventually("parked", Duration::from_secs(5), || async {
+        (scrape(app.metrics_addr).await.get("idemd_waiters") == Some(&1.0)).then_some(())
+    })
+    .await;
+    // The holder's Complete reaches the store, which is busy, and the holder
+    // hangs up before it lands (a deadline, a crash).
+    let lock = hold_write_lock(&app).await;
+    let complete = app.complete("k", &held.lease_token, b"ok");
+    assert!(tokio::time::timeout(Duration::from_secs(1), complete).await.is_err(), "the store is locked");
+    drop(lock);
+    let record = eventually("the Complete landed all the same", Duration::from_secs(10), || async {
+        app.lookup("k").await.ok().filter(|r| r.state == idemd::pb::State::Completed as i32)
+    })
+    .await;
+    assert_eq!(record.response, b"ok");
+    // Well before the waiters' safety-net re-check (15-25 s).
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("the waiter was woken");
+    let outcome = answered.expect("task").expect("answered").into_inner().outcome;
+    assert!(matches!(outcome, Some(Outcome::Completed(_))), "{outcome:?}");
+}
+
 crate::both_stores!(begin_fails_closed_when_the_store_does_not_answer);
