@@ -27,6 +27,7 @@ pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod health;

@@ -22,6 +22,7 @@ use crate::auth::{AuthInterceptor, Authenticator};
 use crate::begin_route::{BeginHandler, BeginRouteLayer};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
+use crate::deadline::ArrivalLayer;
 use crate::health::Readiness;
 use crate::metrics::{self, Metrics};
 use crate::pb;
@@ -215,6 +216,8 @@ async fn serve<S: Store>(
         // Dead peers are detected and their connection slots freed.
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        // Before tonic's own grpc-timeout timer starts: idemd answers first.
+        .layer(ArrivalLayer)
         .layer(WireErrorsLayer)
         // Begin is answered before the router: a parked waiter holds less.
         .layer(BeginRouteLayer(begin))

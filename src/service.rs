@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
+use crate::deadline::{Deadline, answer_by, arrived_at, wait_until};
 use crate::domain::{
     self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Namespace, Record,
     RecordId, Timestamp, check_fingerprint, check_lease_token, check_text,
@@ -235,42 +236,6 @@ fn store_span_name(operation: &'static str) -> &'static str {
     }
 }
 
-/// The caller's deadline from `grpc-timeout`, if it sent one.
-fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    if value.len() < 2 || value.len() > 9 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
-/// The instant the caller's deadline passes, if it sent one.
-fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
-    grpc_timeout(request.metadata()).map(|timeout| Instant::now() + timeout)
-}
-
-/// When a waiting Begin must stop waiting: after `wait`, and in time to
-/// answer before the caller's deadline (a tenth of it, 20–250 ms, is kept
-/// for the answer to travel back).
-fn wait_until(started: Instant, wait: Duration, deadline: Option<Duration>) -> Option<Instant> {
-    let mut budget = wait;
-    if let Some(deadline) = deadline {
-        let margin = (deadline / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
-        budget = budget.min(deadline.saturating_sub(margin));
-    }
-    (!budget.is_zero()).then(|| started + budget)
-}
-
 /// A protobuf Duration as a std Duration: malformed or negative ones are
 /// INVALID_ARGUMENT naming `field`.
 fn parse_duration(field: &str, value: &prost_types::Duration) -> Result<Duration> {
@@ -399,8 +364,7 @@ impl<S: Store> IdempotencyService<S> {
     /// Everything Begin checks before it touches the store, done before its
     /// future exists.
     fn prepare_begin(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<PreparedBegin> {
-        let started = Instant::now();
-        let timeout = grpc_timeout(request.metadata());
+        let (arrived, deadline) = (arrived_at(&request), Deadline::of(&request));
         let principal = request.extensions().get::<Principal>().cloned();
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
@@ -433,8 +397,8 @@ impl<S: Store> IdempotencyService<S> {
         };
         Ok(PreparedBegin {
             request,
-            wait_until: wait_until(started, wait, timeout),
-            deadline: timeout.map(|t| started + t),
+            wait_until: wait_until(arrived, wait, deadline),
+            deadline: deadline.map(|deadline| deadline.answer_by),
         })
     }
 
@@ -454,7 +418,7 @@ impl<S: Store> IdempotencyService<S> {
         request: Request<pb::CompleteRequest>,
     ) -> Result<Reply<pb::CompleteResponse>> {
         let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = deadline_of(&request);
+        let deadline = answer_by(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
@@ -487,7 +451,7 @@ impl<S: Store> IdempotencyService<S> {
 
     async fn abort_call(&self, call: &RpcCall, request: Request<pb::AbortRequest>) -> Result<Reply<pb::AbortResponse>> {
         let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = deadline_of(&request);
+        let deadline = answer_by(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
@@ -507,7 +471,7 @@ impl<S: Store> IdempotencyService<S> {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Reply<pb::HeartbeatResponse>> {
         let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = deadline_of(&request);
+        let deadline = answer_by(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
@@ -529,7 +493,7 @@ impl<S: Store> IdempotencyService<S> {
         request: Request<pb::LookupRequest>,
     ) -> Result<Reply<pb::LookupResponse>> {
         let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = deadline_of(&request);
+        let deadline = answer_by(&request);
         let message = request.into_inner();
         let id = RecordId::parse(message.namespace, message.key)?;
         call.namespace(id.namespace.as_str());
@@ -648,17 +612,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn grpc_timeout_units() {
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        metadata.insert("grpc-timeout", "1500m".parse().expect("ascii"));
-        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_millis(1500)));
-        metadata.insert("grpc-timeout", "2S".parse().expect("ascii"));
-        assert_eq!(grpc_timeout(&metadata), Some(Duration::from_secs(2)));
-        metadata.insert("grpc-timeout", "bogus".parse().expect("ascii"));
-        assert_eq!(grpc_timeout(&metadata), None);
-    }
-
     /// Begin's future is what every parked waiter costs (`benches/waiters.sh`).
     /// As an `async fn` holding the raw request it measured 2,608 bytes; the
     /// written-out one 952, and 1,032 since a parking Begin marks the attempt
@@ -675,14 +628,5 @@ mod tests {
         }));
         let size = std::mem::size_of_val(&*begin);
         assert!(size <= 1_280, "a Begin's future grew to {size} bytes");
-    }
-
-    #[test]
-    fn wait_ends_before_the_deadline() {
-        let start = Instant::now();
-        assert_eq!(wait_until(start, Duration::ZERO, None), None);
-        assert_eq!(wait_until(start, Duration::from_secs(5), None), Some(start + Duration::from_secs(5)));
-        let until = wait_until(start, Duration::from_secs(5), Some(Duration::from_secs(1))).expect("waits");
-        assert!(until < start + Duration::from_secs(1) && until >= start + Duration::from_millis(900));
     }
 }

@@ -126,4 +126,60 @@ async fn waiters_hear_a_complete_whose_caller_hung_up_before_it_landed() {
     assert!(matches!(outcome, Some(Outcome::Completed(_))), "{outcome:?}");
 }
 
-crate::both_stores!(begin_fails_closed_when_the_store_does_not_answer);
+/// A unary call over a bare HTTP/2 connection, with `grpc-timeout`: the
+/// status idemd itself answers. (A tonic client cuts the call short on its
+/// own side at the deadline, with CANCELLED.)
+async fn call_with_timeout(app: &TestApp, path: &str, message: Vec<u8>, timeout: &'static str) -> tonic::Status {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut body = vec![0];
+    body.extend_from_slice(&u32::try_from(message.len()).expect("a small message").to_be_bytes());
+    body.extend_from_slice(&message);
+    let request = http::Request::post(format!("http://{}{path}", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("an HTTP response");
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let collected = response.into_body().collect().await.expect("body");
+    tonic::Status::from_header_map(&collected.trailers().cloned().expect("trailers")).expect("a grpc-status")
+}
+
+async fn a_store_call_past_the_callers_deadline_is_deadline_exceeded(backend: Backend) {
+    use prost::Message;
+    // The store would be given 10 s; the caller allows one.
+    let app = spawn_app_with(backend, |c| c.database.store_timeout = Duration::from_secs(10)).await;
+    let held = app.acquire(begin_req("held")).await;
+    let lock = hold_write_lock(&app).await;
+    let started = tokio::time::Instant::now();
+    let begin = begin_req("stuck").encode_to_vec();
+    let status = call_with_timeout(&app, "/idemd.v1.Idempotency/Begin", begin, "1S").await;
+    assert_error(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    let complete = idemd::pb::CompleteRequest {
+        namespace: NS.into(),
+        key: "held".into(),
+        lease_token: held.lease_token.clone(),
+        response: b"ok".to_vec(),
+        ..Default::default()
+    };
+    let status = call_with_timeout(&app, "/idemd.v1.Idempotency/Complete", complete.encode_to_vec(), "1S").await;
+    assert_error(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at the deadlines, not at the store timeout");
+    drop(lock);
+}
+
+crate::both_stores!(
+    begin_fails_closed_when_the_store_does_not_answer,
+    a_store_call_past_the_callers_deadline_is_deadline_exceeded
+);
