@@ -79,8 +79,10 @@ impl Deadline {
 
     fn after(arrived: Instant, timeout: Duration) -> Deadline {
         let margin = (timeout / 10).clamp(Duration::from_millis(1), Duration::from_millis(250));
-        let answer_by = arrived + timeout.saturating_sub(margin);
-        Deadline { answer_by, stop_waiting_by: answer_by.checked_sub(margin).unwrap_or(arrived).max(arrived) }
+        Deadline {
+            answer_by: arrived + timeout.saturating_sub(margin),
+            stop_waiting_by: arrived + timeout.saturating_sub(2 * margin),
+        }
     }
 }
 
