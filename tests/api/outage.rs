@@ -9,6 +9,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::helpers::*;
 use crate::pg_cluster::Cluster;
+use crate::validation::{frame, status_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_a_postgres_outage_without_restart() {
@@ -130,7 +131,6 @@ async fn waiters_hear_a_complete_whose_caller_hung_up_before_it_landed() {
 /// status idemd itself answers. (A tonic client cuts the call short on its
 /// own side at the deadline, with CANCELLED.)
 async fn call_with_timeout(app: &TestApp, path: &str, message: Vec<u8>, timeout: &'static str) -> tonic::Status {
-    use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
     let (mut sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -139,21 +139,14 @@ async fn call_with_timeout(app: &TestApp, path: &str, message: Vec<u8>, timeout:
     .await
     .expect("HTTP/2 handshake");
     tokio::spawn(connection);
-    let mut body = vec![0];
-    body.extend_from_slice(&u32::try_from(message.len()).expect("a small message").to_be_bytes());
-    body.extend_from_slice(&message);
+    let body = frame(0, u32::try_from(message.len()).expect("a small message"), &message);
     let request = http::Request::post(format!("http://{}{path}", app.addr))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .header("grpc-timeout", timeout)
         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
         .expect("request");
-    let response = sender.send_request(request).await.expect("an HTTP response");
-    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
-        return status;
-    }
-    let collected = response.into_body().collect().await.expect("body");
-    tonic::Status::from_header_map(&collected.trailers().cloned().expect("trailers")).expect("a grpc-status")
+    status_of(sender.send_request(request).await.expect("an HTTP response")).await
 }
 
 async fn a_store_call_past_the_callers_deadline_is_deadline_exceeded(backend: Backend) {

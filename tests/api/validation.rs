@@ -176,7 +176,6 @@ pub async fn raw_call_with_header(
     header: Option<(&'static str, &'static str)>,
     body: Vec<u8>,
 ) -> tonic::Status {
-    use http_body_util::BodyExt;
     use tower_service::Service;
     let mut channel = app.channel();
     std::future::poll_fn(|cx| channel.poll_ready(cx)).await.expect("ready");
@@ -190,7 +189,16 @@ pub async fn raw_call_with_header(
     }
     let request =
         request.body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(body)))).expect("request");
-    let response = channel.call(request).await.expect("an HTTP response");
+    status_of(channel.call(request).await.expect("an HTTP response")).await
+}
+
+/// A gRPC reply's status: in its headers (a trailers-only reply) or its trailers.
+pub async fn status_of<B>(response: http::Response<B>) -> tonic::Status
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
     if let Some(status) = tonic::Status::from_header_map(response.headers()) {
         return status;
     }
@@ -199,7 +207,8 @@ pub async fn raw_call_with_header(
     tonic::Status::from_header_map(&trailers).expect("a grpc-status")
 }
 
-fn frame(compressed: u8, declared_len: u32, payload: &[u8]) -> Vec<u8> {
+/// One length-prefixed gRPC message, with whatever flag and length a test declares.
+pub fn frame(compressed: u8, declared_len: u32, payload: &[u8]) -> Vec<u8> {
     let mut bytes = vec![compressed];
     bytes.extend_from_slice(&declared_len.to_be_bytes());
     bytes.extend_from_slice(payload);
