@@ -9,23 +9,34 @@
 //! subject:checkout.payments.svc payments   # an mTLS client certificate's CN or URI SAN
 //! ```
 //!
-//! The file is re-read on SIGHUP and when it changes; a file that does not
-//! parse keeps the previous grants in force and logs an error naming the line.
+//! The file is re-read on SIGHUP and whenever its content changes (compared
+//! by digest, so a copy that keeps the old modification time is noticed).
+//! At start-up a bad line is an error. On a reload, a bad line never keeps
+//! an old grant alive: the good lines take effect, a bad line grants
+//! nothing, and a bad line whose credential can be read takes every grant of
+//! that credential away (it may have meant to narrow them). Only a file that
+//! cannot be read or holds no grant at all keeps the previous grants (an
+//! empty file is far more often one caught mid-write than an intent to lock
+//! every caller out). Either way an ERROR line names each bad line and the
+//! `idemd_auth_tokens_file_in_force` gauge drops to 0 until the file on disk
+//! is exactly what is in force again.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::ConnectionHandle;
 use crate::domain::Namespace;
 use crate::error::{Error, Result};
 
-/// How often the tokens file's modification time is checked.
+/// How often the tokens file's content is checked.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Namespaces one credential may use: exact names and `prefix.*` patterns.
@@ -36,8 +47,15 @@ pub struct NamespaceGrant {
 }
 
 impl NamespaceGrant {
+    /// `tenant-a.*` grants `tenant-a.` followed by one or more non-empty
+    /// dot-separated segments: never `tenant-a.` itself nor `tenant-a..x`.
     pub fn allows(&self, namespace: &str) -> bool {
-        self.exact.contains(namespace) || self.prefixes.iter().any(|prefix| namespace.starts_with(prefix.as_str()))
+        self.exact.contains(namespace)
+            || self.prefixes.iter().any(|prefix| {
+                namespace
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| !rest.is_empty() && rest.split('.').all(|segment| !segment.is_empty()))
+            })
     }
 
     fn add(&mut self, pattern: &str) -> std::result::Result<(), String> {
@@ -59,50 +77,108 @@ impl NamespaceGrant {
     }
 }
 
+/// One credential's grant and the name it is known by in limits and logs.
+#[derive(Debug)]
+struct Credential {
+    grant: NamespaceGrant,
+    name: Arc<str>,
+}
+
 /// The parsed tokens file.
 #[derive(Debug, Default, Clone)]
 pub struct Grants {
     /// Shared with every request's `Principal`: no copy per call.
-    by_token_hash: HashMap<[u8; 32], Arc<NamespaceGrant>>,
-    by_subject: HashMap<String, Arc<NamespaceGrant>>,
+    by_token_hash: HashMap<[u8; 32], Principal>,
+    by_subject: HashMap<String, Principal>,
+}
+
+/// Whom a credential on one line names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum CredentialId {
+    Token([u8; 32]),
+    Subject(String),
+}
+
+fn parse_credential(credential: &str) -> std::result::Result<CredentialId, String> {
+    if let Some(hash) = credential.strip_prefix("sha256:") {
+        let bytes = hex::decode(hash).map_err(|_| "the token hash is not hex".to_string())?;
+        let hash: [u8; 32] = bytes.try_into().map_err(|_| "the token hash is not 32 bytes".to_string())?;
+        Ok(CredentialId::Token(hash))
+    } else if let Some(subject) = credential.strip_prefix("subject:") {
+        if subject.is_empty() {
+            return Err("empty subject".into());
+        }
+        Ok(CredentialId::Subject(subject.to_string()))
+    } else {
+        Err("a credential starts with `sha256:` or `subject:`".into())
+    }
 }
 
 impl Grants {
-    /// Parses the tokens file; an error names the line and what is wrong.
+    /// Parses the tokens file strictly: the first bad line is an error that
+    /// names the line and what is wrong.
     pub fn parse(text: &str) -> std::result::Result<Grants, String> {
-        let mut tokens: HashMap<[u8; 32], NamespaceGrant> = HashMap::new();
-        let mut subjects: HashMap<String, NamespaceGrant> = HashMap::new();
+        let (grants, bad_lines) = Grants::parse_lenient(text);
+        match bad_lines.into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(grants),
+        }
+    }
+
+    /// Parses what can be parsed: the grants of the good lines, less every
+    /// grant of a credential named on a bad line; and each bad line's problem.
+    pub fn parse_lenient(text: &str) -> (Grants, Vec<String>) {
+        let mut credentials: HashMap<CredentialId, NamespaceGrant> = HashMap::new();
+        let mut poisoned: HashSet<CredentialId> = HashSet::new();
+        let mut bad_lines = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
                 continue;
             }
-            let fail = |problem: String| format!("line {}: {problem}", index + 1);
             let mut parts = line.split_whitespace();
-            let (Some(credential), Some(namespaces), None) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(fail("expected `sha256:<hex> <namespace>[,<namespace>…]`".into()));
-            };
-            let mut grant = NamespaceGrant::default();
-            for pattern in namespaces.split(',') {
-                grant.add(pattern).map_err(fail)?;
-            }
-            if let Some(hash) = credential.strip_prefix("sha256:") {
-                let bytes = hex::decode(hash).map_err(|_| fail("the token hash is not hex".into()))?;
-                let hash: [u8; 32] = bytes.try_into().map_err(|_| fail("the token hash is not 32 bytes".into()))?;
-                tokens.entry(hash).or_default().merge(grant);
-            } else if let Some(subject) = credential.strip_prefix("subject:") {
-                if subject.is_empty() {
-                    return Err(fail("empty subject".into()));
+            let (credential, namespaces, extra) = (parts.next(), parts.next(), parts.next());
+            let credential = credential.map(parse_credential);
+            let parsed = match (credential.clone(), namespaces, extra) {
+                (Some(Ok(id)), Some(namespaces), None) => {
+                    let mut grant = NamespaceGrant::default();
+                    namespaces.split(',').try_for_each(|pattern| grant.add(pattern)).map(|()| (id, grant))
                 }
-                subjects.entry(subject.to_string()).or_default().merge(grant);
-            } else {
-                return Err(fail("a credential starts with `sha256:` or `subject:`".into()));
+                (Some(Err(problem)), _, _) => Err(problem),
+                _ => Err("expected `sha256:<hex> <namespace>[,<namespace>…]`".into()),
+            };
+            match parsed {
+                Ok((id, grant)) => credentials.entry(id).or_default().merge(grant),
+                Err(problem) => {
+                    bad_lines.push(format!("line {}: {problem}", index + 1));
+                    if let Some(Ok(id)) = credential {
+                        poisoned.insert(id);
+                    }
+                }
             }
         }
-        Ok(Grants {
-            by_token_hash: tokens.into_iter().map(|(k, g)| (k, Arc::new(g))).collect(),
-            by_subject: subjects.into_iter().map(|(k, g)| (k, Arc::new(g))).collect(),
-        })
+        let mut grants = Grants::default();
+        for (id, grant) in credentials {
+            if poisoned.contains(&id) {
+                continue;
+            }
+            match id {
+                CredentialId::Token(hash) => {
+                    let name = format!("sha256:{}", &hex::encode(hash)[..12]);
+                    grants.by_token_hash.insert(hash, Principal::new(grant, name));
+                }
+                CredentialId::Subject(subject) => {
+                    let name = format!("subject:{subject}");
+                    grants.by_subject.insert(subject, Principal::new(grant, name));
+                }
+            }
+        }
+        (grants, bad_lines)
+    }
+
+    /// Every credential of the file.
+    pub fn principals(&self) -> impl Iterator<Item = Principal> + '_ {
+        self.by_token_hash.values().chain(self.by_subject.values()).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -114,14 +190,25 @@ impl Grants {
     }
 }
 
-/// The namespaces the caller of one request may use; put in the request's
-/// extensions by the interceptor.
+/// The caller of one request: the namespaces it may use and the name its
+/// limits are counted under; put in the request's extensions by the
+/// interceptor.
 #[derive(Debug, Clone)]
-pub struct Principal(Arc<NamespaceGrant>);
+pub struct Principal(Arc<Credential>);
 
 impl Principal {
+    fn new(grant: NamespaceGrant, name: String) -> Self {
+        Principal(Arc::new(Credential { grant, name: name.into() }))
+    }
+
     pub fn check(&self, namespace: &Namespace) -> Result<()> {
-        if self.0.allows(namespace.as_str()) { Ok(()) } else { Err(Error::NamespaceDenied) }
+        if self.0.grant.allows(namespace.as_str()) { Ok(()) } else { Err(Error::NamespaceDenied) }
+    }
+
+    /// `sha256:<first 12 hex digits of the token's hash>` or
+    /// `subject:<certificate subject>`: never the token.
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 }
 
@@ -134,36 +221,42 @@ fn token_hash(token: &str) -> [u8; 32] {
 pub struct Authenticator {
     path: PathBuf,
     grants: RwLock<Arc<Grants>>,
-    modified: RwLock<Option<SystemTime>>,
+    /// Digest of the content last read, whether or not it was accepted.
+    seen: RwLock<Option<[u8; 32]>>,
+    /// The grants in force are exactly what the file on disk says.
+    in_force: AtomicBool,
+    /// Bad lines in the file last read.
+    bad_lines: AtomicUsize,
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-fn read_grants(path: &Path) -> std::result::Result<Grants, String> {
+/// The file's content and its digest, or why it cannot be read.
+fn read_file(path: &Path) -> std::result::Result<(String, [u8; 32]), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
-    let grants = Grants::parse(&text)?;
-    // An empty file is far more often one caught mid-write than an intent
-    // to lock every caller out; stop idemd to revoke everything at once.
-    if grants.is_empty() {
-        return Err("no grants in the file".into());
-    }
-    Ok(grants)
+    let digest = Sha256::digest(text.as_bytes()).into();
+    Ok((text, digest))
+}
+
+fn digest_of(path: &Path) -> Option<[u8; 32]> {
+    read_file(path).ok().map(|(_, digest)| digest)
 }
 
 impl Authenticator {
-    /// Loads the tokens file; at start-up a broken file is an error.
+    /// Loads the tokens file; at start-up any bad line is an error.
     pub fn load(path: &Path) -> anyhow::Result<Arc<Self>> {
-        let stamp = modified(path);
-        let grants = read_grants(path).map_err(|e| {
-            anyhow::anyhow!("invalid --auth-tokens-file {} (IDEMD_AUTH_TOKENS_FILE): {e}", path.display())
-        })?;
+        let invalid =
+            |e: String| anyhow::anyhow!("invalid --auth-tokens-file {} (IDEMD_AUTH_TOKENS_FILE): {e}", path.display());
+        let (text, digest) = read_file(path).map_err(invalid)?;
+        let grants = Grants::parse(&text).map_err(invalid)?;
+        if grants.is_empty() {
+            return Err(invalid("no grants in the file".into()));
+        }
         tracing::info!(path = %path.display(), credentials = grants.len(), "auth tokens loaded");
         Ok(Arc::new(Authenticator {
             path: path.to_path_buf(),
             grants: RwLock::new(Arc::new(grants)),
-            modified: RwLock::new(stamp),
+            seen: RwLock::new(Some(digest)),
+            in_force: AtomicBool::new(true),
+            bad_lines: AtomicUsize::new(0),
         }))
     }
 
@@ -172,28 +265,49 @@ impl Authenticator {
         Arc::clone(&self.grants.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    /// Re-reads the file; a broken one keeps the previous grants.
-    pub fn reload(&self) -> bool {
-        let before = modified(&self.path);
-        let read = read_grants(&self.path);
-        // Changed while being read: leave the stamp stale so the next tick reads it again.
-        if modified(&self.path) == before {
-            *self.modified.write().unwrap_or_else(std::sync::PoisonError::into_inner) = before;
-        }
-        match read {
-            Ok(grants) => {
-                tracing::info!(path = %self.path.display(), credentials = grants.len(), "auth tokens reloaded");
-                *self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(grants);
-                true
-            }
-            Err(error) => {
-                tracing::error!(path = %self.path.display(), %error, "auth tokens file rejected; the previous grants stay in force");
-                false
-            }
-        }
+    /// Whether the grants in force are exactly the file on disk.
+    pub fn file_in_force(&self) -> bool {
+        self.in_force.load(Ordering::Relaxed)
     }
 
-    /// Reloads on SIGHUP and whenever the file's modification time changes.
+    /// Bad lines in the file last read.
+    pub fn bad_lines(&self) -> usize {
+        self.bad_lines.load(Ordering::Relaxed)
+    }
+
+    /// Re-reads the file (see the module comment for what a bad line does).
+    /// True when its grants are now in force, bad lines left out.
+    pub fn reload(&self) -> bool {
+        let read = read_file(&self.path);
+        let mut seen = self.seen.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seen = read.as_ref().ok().map(|(_, digest)| *digest);
+        drop(seen);
+        let path = self.path.display();
+        let text = match read {
+            Ok((text, _)) => text,
+            Err(error) => {
+                self.in_force.store(false, Ordering::Relaxed);
+                tracing::error!(%path, %error, "auth tokens file unreadable; the previous grants stay in force");
+                return false;
+            }
+        };
+        let (grants, bad_lines) = Grants::parse_lenient(&text);
+        self.bad_lines.store(bad_lines.len(), Ordering::Relaxed);
+        if grants.is_empty() {
+            self.in_force.store(false, Ordering::Relaxed);
+            tracing::error!(%path, ?bad_lines, "auth tokens file holds no grant; the previous grants stay in force");
+            return false;
+        }
+        for problem in &bad_lines {
+            tracing::error!(%path, line = %problem, "auth tokens file: bad line left out (its credential's grants revoked)");
+        }
+        tracing::info!(%path, credentials = grants.len(), bad_lines = bad_lines.len(), "auth tokens reloaded");
+        *self.grants.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(grants);
+        self.in_force.store(bad_lines.is_empty(), Ordering::Relaxed);
+        true
+    }
+
+    /// Reloads on SIGHUP and whenever the file's content changes.
     pub fn spawn_watcher(self: &Arc<Self>, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -215,8 +329,8 @@ impl Authenticator {
                     _ = shutdown.cancelled() => break,
                     _ = hup => { this.reload(); }
                     _ = tokio::time::sleep(WATCH_INTERVAL) => {
-                        let seen = *this.modified.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if modified(&this.path) != seen {
+                        let seen = *this.seen.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if digest_of(&this.path) != seen {
                             this.reload();
                         }
                     }
@@ -236,24 +350,24 @@ impl Authenticator {
                 .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                 .map(str::trim)
                 .ok_or(Error::Unauthenticated)?;
-            return grants
-                .by_token_hash
-                .get(&token_hash(token))
-                .map(|grant| Principal(Arc::clone(grant)))
-                .ok_or(Error::Unauthenticated);
+            return grants.by_token_hash.get(&token_hash(token)).cloned().ok_or(Error::Unauthenticated);
         }
         let mut matched = subjects.iter().filter_map(|subject| grants.by_subject.get(subject));
         let first = matched.next().ok_or(Error::Unauthenticated)?;
         let rest: Vec<_> = matched.collect();
         if rest.is_empty() {
-            return Ok(Principal(Arc::clone(first)));
+            return Ok(first.clone());
         }
-        // A certificate naming several granted subjects gets their union.
-        let mut union = NamespaceGrant::clone(first);
-        for grant in rest {
-            union.merge(NamespaceGrant::clone(grant));
+        // A certificate naming several granted subjects gets their union,
+        // counted under their names together.
+        let mut union = first.0.grant.clone();
+        let mut name = first.name().to_string();
+        for principal in rest {
+            union.merge(principal.0.grant.clone());
+            name.push('+');
+            name.push_str(principal.name());
         }
-        Ok(Principal(Arc::new(union)))
+        Ok(Principal::new(union, name))
     }
 }
 
@@ -282,10 +396,16 @@ pub struct AuthInterceptor(pub Option<Arc<Authenticator>>);
 
 impl tonic::service::Interceptor for AuthInterceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        let Some(authenticator) = &self.0 else { return Ok(request) };
-        let subjects = request.peer_certs().map(|certs| subjects_of(&certs)).unwrap_or_default();
-        let principal = authenticator.authenticate(request.metadata(), &subjects)?;
-        request.extensions_mut().insert(principal);
+        if let Some(authenticator) = &self.0 {
+            let subjects = request.peer_certs().map(|certs| subjects_of(&certs)).unwrap_or_default();
+            let principal = authenticator.authenticate(request.metadata(), &subjects)?;
+            request.extensions_mut().insert(principal);
+        }
+        // The connection carried a call that may use the service: it keeps
+        // its slot before connections that never did (crate::connections).
+        if let Some(connection) = request.extensions().get::<ConnectionHandle>() {
+            connection.0.mark_authenticated();
+        }
         Ok(request)
     }
 }
@@ -317,17 +437,32 @@ mod tests {
         let grants =
             Grants::parse(&format!("# comment\n\n{line}  # trailing\nsubject:svc.example refunds\n")).expect("parses");
         assert_eq!(grants.len(), 2);
-        let grant = grants.by_token_hash.get(&token_hash(&token)).expect("grant");
-        assert!(
-            grant.allows("payments")
-                && grant.allows("tenant-a.eu")
-                && !grant.allows("tenant-ab")
-                && !grant.allows("refunds")
-        );
+        let principal = grants.by_token_hash.get(&token_hash(&token)).expect("grant");
+        let allows = |namespace: &str| principal.0.grant.allows(namespace);
+        assert!(allows("payments") && allows("tenant-a.eu") && allows("tenant-a.eu.x"));
+        assert!(!allows("tenant-ab") && !allows("refunds"));
+        assert!(!allows("tenant-a.") && !allows("tenant-a..x") && !allows("tenant-a.x."), "empty segments");
         assert!(!line.contains(&token), "the file never holds the token");
-        let principal = Principal(Arc::clone(grant));
+        assert!(principal.name().starts_with("sha256:") && principal.name().len() == 19, "{}", principal.name());
+        assert!(!token.contains(&principal.name()[7..]), "the name is of the hash, not of the token");
         assert!(principal.check(&ns("payments")).is_ok());
         assert!(matches!(principal.check(&ns("refunds")), Err(Error::NamespaceDenied)));
+    }
+
+    #[test]
+    fn a_bad_line_grants_nothing_and_revokes_its_credential() {
+        let (keep, keep_line) = new_token(&["payments".into()]).expect("token");
+        let (narrowed, narrowed_line) = new_token(&["refunds".into()]).expect("token");
+        let narrowed_hash = narrowed_line.split_whitespace().next().expect("credential");
+        let text = format!(
+            "{keep_line}\n{narrowed_line}\n{narrowed_hash} Not_A_Namespace\nsha256:zz payments\nsubject:svc payments\n"
+        );
+        assert!(Grants::parse(&text).expect_err("strict").contains("line 3"));
+        let (grants, bad_lines) = Grants::parse_lenient(&text);
+        assert_eq!(bad_lines.len(), 2, "{bad_lines:?}");
+        assert!(grants.by_token_hash.contains_key(&token_hash(&keep)), "unrelated lines stay in force");
+        assert!(!grants.by_token_hash.contains_key(&token_hash(&narrowed)), "its credential is revoked");
+        assert!(grants.by_subject.contains_key("svc"));
     }
 
     #[test]

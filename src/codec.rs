@@ -100,11 +100,14 @@ fn field_of(description: &str) -> String {
         .unwrap_or_else(|| "request".to_string())
 }
 
-/// Rewrites the error replies tonic produces itself for malformed gRPC
-/// framing (INTERNAL, or OUT_OF_RANGE for an oversized message, without
-/// details) into INVALID_ARGUMENT / `INVALID_FIELD` for the field `request`.
-/// Replies that carry our details (every idemd error does) pass unchanged,
-/// so a genuine INTERNAL from a bug is never disguised.
+/// Rewrites the error replies tonic produces itself, which carry no
+/// details, into idemd's errors with their ErrorInfo: malformed framing
+/// (INTERNAL, or OUT_OF_RANGE for an oversized message) becomes
+/// INVALID_ARGUMENT / `INVALID_FIELD` for the field `request`, and
+/// UNIMPLEMENTED (an unknown method, a compression idemd does not accept)
+/// keeps its code and gains reason `UNIMPLEMENTED`. Replies that carry our
+/// details (every idemd error does) pass unchanged, so a genuine INTERNAL
+/// from a bug is never disguised.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WireErrorsLayer;
 
@@ -139,18 +142,26 @@ where
 
 fn rewrite_wire_error<RB>(mut response: http::Response<RB>) -> http::Response<RB> {
     let headers = response.headers_mut();
-    let code = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i32>().ok());
-    let ours = headers.contains_key("grpc-status-details-bin");
-    let framing = matches!(tonic::Code::from_i32(code.unwrap_or(0)), tonic::Code::Internal | tonic::Code::OutOfRange);
-    if ours || !framing {
+    if headers.contains_key("grpc-status-details-bin") {
         return response;
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.to_string())
-        .unwrap_or_else(|| "malformed gRPC request".to_string());
-    let status = Status::from(Error::invalid("request", format!("malformed request: {message}")));
+    // tonic's own status, its message percent-decoded (it is encoded again below).
+    let Some(tonic_status) = Status::from_header_map(headers) else { return response };
+    let error = match tonic_status.code() {
+        tonic::Code::Internal | tonic::Code::OutOfRange => {
+            let message = match tonic_status.message() {
+                "" => "malformed gRPC request",
+                message => message,
+            };
+            Error::invalid("request", format!("malformed request: {message}"))
+        }
+        tonic::Code::Unimplemented => Error::Unimplemented(match tonic_status.message() {
+            "" => "no such method".to_string(),
+            message => message.to_string(),
+        }),
+        _ => return response,
+    };
+    let status = Status::from(error);
     headers.remove("grpc-message");
     // Only fails for header values that cannot be encoded, which ours can.
     let _ = status.add_header(headers);

@@ -257,13 +257,45 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_MAX_WAITERS_PER_NAMESPACE", default_value_t = 1_000)]
     pub max_waiters_per_namespace: usize,
 
+    /// Begin calls parked on wait_timeout at once, per credential (token or
+    /// client certificate), over all its namespaces. Default: the same as
+    /// --max-waiters-per-namespace.
+    #[arg(long, env = "IDEMD_MAX_WAITERS_PER_CREDENTIAL")]
+    pub max_waiters_per_credential: Option<usize>,
+
     /// Requests per second per namespace (bursts of as many); 0 is off.
     #[arg(long, env = "IDEMD_RATE_LIMIT_PER_NAMESPACE", default_value_t = 0)]
     pub rate_limit_per_namespace: u32,
 
-    /// Open client connections on the gRPC port; more are refused.
+    /// Requests per second per credential, over all its namespaces; 0 is
+    /// off. Default: the same as --rate-limit-per-namespace.
+    #[arg(long, env = "IDEMD_RATE_LIMIT_PER_CREDENTIAL")]
+    pub rate_limit_per_credential: Option<u32>,
+
+    /// Open client connections on the gRPC port. When all are taken, a new
+    /// connection takes the slot of one that never authenticated or has no
+    /// call open; with none such, it is refused.
     #[arg(long, env = "IDEMD_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+
+    /// Open connections on the metrics port.
+    #[arg(long, env = "IDEMD_METRICS_MAX_CONNECTIONS", default_value_t = 64)]
+    pub metrics_max_connections: usize,
+
+    /// From accepting a connection to its first request's headers (TLS
+    /// handshake and HTTP/2 preface included); a silent socket is dropped.
+    #[arg(long, env = "IDEMD_FIRST_REQUEST_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub first_request_timeout: Duration,
+
+    /// A connection with no open call for this long is closed (gracefully:
+    /// gRPC clients reconnect on their next call).
+    #[arg(long, env = "IDEMD_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub connection_idle_timeout: Duration,
+
+    /// Longest a request's body (each message, for a stream) may take to
+    /// arrive after its headers, whatever the caller's grpc-timeout.
+    #[arg(long, env = "IDEMD_REQUEST_READ_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub request_read_timeout: Duration,
 
     /// Concurrent calls (HTTP/2 streams) per connection.
     #[arg(long, env = "IDEMD_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
@@ -305,6 +337,16 @@ impl ServeConfig {
             <Wrapper as clap::CommandFactory>::command().no_binary_name(true).get_matches_from(Vec::<String>::new());
         // The defaults above are literals that parse; a failure is a bug in this file.
         Wrapper::from_arg_matches(&matches).map(|w| w.config).expect("defaults parse") // ok: constant input
+    }
+
+    /// `--max-waiters-per-credential`, or the per-namespace limit.
+    pub fn max_waiters_per_credential(&self) -> usize {
+        self.max_waiters_per_credential.unwrap_or(self.max_waiters_per_namespace)
+    }
+
+    /// `--rate-limit-per-credential`, or the per-namespace rate.
+    pub fn rate_limit_per_credential(&self) -> u32 {
+        self.rate_limit_per_credential.unwrap_or(self.rate_limit_per_namespace)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -356,8 +398,28 @@ impl ServeConfig {
         if self.max_waiters == 0 || self.max_waiters_per_namespace == 0 {
             return Err(bad("--max-waiters", "IDEMD_MAX_WAITERS", "limits must be at least 1"));
         }
+        if self.max_waiters_per_credential == Some(0) {
+            return Err(bad("--max-waiters-per-credential", "IDEMD_MAX_WAITERS_PER_CREDENTIAL", "must be at least 1"));
+        }
         if self.max_connections == 0 {
             return Err(bad("--max-connections", "IDEMD_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.metrics_max_connections == 0 {
+            return Err(bad("--metrics-max-connections", "IDEMD_METRICS_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        let second_to_minute = Duration::from_millis(100)..=Duration::from_secs(60);
+        if !second_to_minute.contains(&self.first_request_timeout) {
+            return Err(bad("--first-request-timeout", "IDEMD_FIRST_REQUEST_TIMEOUT", "must be between 100ms and 60s"));
+        }
+        if !second_to_minute.contains(&self.request_read_timeout) {
+            return Err(bad("--request-read-timeout", "IDEMD_REQUEST_READ_TIMEOUT", "must be between 100ms and 60s"));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&self.connection_idle_timeout) {
+            return Err(bad(
+                "--connection-idle-timeout",
+                "IDEMD_CONNECTION_IDLE_TIMEOUT",
+                "must be between 1s and 24h",
+            ));
         }
         if self.max_concurrent_streams == 0 {
             return Err(bad("--max-concurrent-streams", "IDEMD_MAX_CONCURRENT_STREAMS", "must be at least 1"));

@@ -56,10 +56,24 @@ pub enum Error {
     /// more `wait_timeout` waiter (overall or in this namespace).
     #[error("too many waiting Begin calls in {0}; retry after retry_after or without wait_timeout")]
     TooManyWaiters(&'static str),
-    /// RESOURCE_EXHAUSTED, reason `RATE_LIMITED`: the namespace's request
-    /// rate limit was reached.
-    #[error("request rate limit of this namespace reached; retry with backoff")]
-    RateLimited,
+    /// RESOURCE_EXHAUSTED, reason `RATE_LIMITED`: the request rate limit of
+    /// the namespace or of the credentials was reached.
+    #[error("request rate limit of {0} reached; retry with backoff")]
+    RateLimited(&'static str),
+    /// DEADLINE_EXCEEDED, reason `REQUEST_READ_TIMEOUT`: the request's body
+    /// (or one message of a stream) did not arrive within
+    /// `--request-read-timeout`, whatever the caller's own deadline.
+    #[error("the request did not arrive within {0:?} (--request-read-timeout)")]
+    RequestReadTimeout(std::time::Duration),
+    /// RESOURCE_EXHAUSTED, reason `UNAUTHENTICATED_BYTES`: calls that need no
+    /// credentials (health, reflection) hold too many request bytes on this
+    /// connection at once.
+    #[error("calls without credentials hold more than {0} request bytes on this connection")]
+    UnauthenticatedBytes(usize),
+    /// UNIMPLEMENTED, reason `UNIMPLEMENTED`: no such method, or a request
+    /// compression idemd does not accept.
+    #[error("{0}")]
+    Unimplemented(String),
     /// INTERNAL: a bug or an impossible row; logged, not echoed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -82,7 +96,10 @@ impl Error {
             Error::Unauthenticated => "UNAUTHENTICATED",
             Error::NamespaceDenied => "NAMESPACE_DENIED",
             Error::TooManyWaiters(_) => "TOO_MANY_WAITERS",
-            Error::RateLimited => "RATE_LIMITED",
+            Error::RateLimited(_) => "RATE_LIMITED",
+            Error::RequestReadTimeout(_) => "REQUEST_READ_TIMEOUT",
+            Error::UnauthenticatedBytes(_) => "UNAUTHENTICATED_BYTES",
+            Error::Unimplemented(_) => "UNIMPLEMENTED",
             Error::Internal(_) => "INTERNAL",
         }
     }
@@ -93,10 +110,11 @@ impl Error {
             Error::FingerprintMismatch | Error::LeaseLost => Code::FailedPrecondition,
             Error::NotFound => Code::NotFound,
             Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => Code::Unavailable,
-            Error::DeadlineExceeded => Code::DeadlineExceeded,
+            Error::DeadlineExceeded | Error::RequestReadTimeout(_) => Code::DeadlineExceeded,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::NamespaceDenied => Code::PermissionDenied,
-            Error::TooManyWaiters(_) | Error::RateLimited => Code::ResourceExhausted,
+            Error::TooManyWaiters(_) | Error::RateLimited(_) | Error::UnauthenticatedBytes(_) => Code::ResourceExhausted,
+            Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
         }
     }

@@ -10,8 +10,11 @@
 //! - [`domain`] holds plain validated types and the outcome of each transition.
 //! - [`store`] is the `Store` trait and its Postgres and SQLite implementations,
 //!   where all correctness lives (one atomic statement per transition).
-//! - [`auth`] maps credentials to namespaces; [`tls`] terminates TLS and caps
-//!   connections; [`limits`] bounds waiters and request rates.
+//! - [`connections`] accepts, caps and closes the connections of both ports;
+//!   [`request_guard`] bounds each request body's size and arrival time;
+//!   [`fd_limit`] checks the file-descriptor limit at start-up.
+//! - [`auth`] maps credentials to namespaces; [`tls`] terminates TLS;
+//!   [`limits`] bounds waiters and request rates.
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
 //! - [`bench`] is the `idemd bench` load generator.
@@ -27,8 +30,10 @@ pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod connections;
 pub mod deadline;
 pub mod domain;
+pub mod fd_limit;
 pub mod error;
 pub mod health;
 pub mod limits;
@@ -36,6 +41,7 @@ pub mod lookup;
 pub mod metrics;
 pub mod observe;
 pub mod reaper;
+pub mod request_guard;
 pub mod server;
 pub mod service;
 pub mod store;

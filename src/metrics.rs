@@ -5,15 +5,24 @@
 //! Labels are bounded: RPC names, gRPC codes, outcomes and error kinds.
 //! Never a key, a namespace, a token or a payload.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, UpDownCounter};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
+use crate::connections::{self, ConnectionService, Slots};
 use crate::error::Error;
 
 /// Latency buckets in seconds: from a cached replay to a long wait.
@@ -122,6 +131,22 @@ impl Metrics {
             .build();
     }
 
+    /// Reports whether the tokens file on disk is what is in force, and
+    /// its bad lines, read at each scrape.
+    pub fn observe_tokens_file(&self, authenticator: Arc<Authenticator>) {
+        let state = Arc::clone(&authenticator);
+        self.meter
+            .u64_observable_gauge("idemd_auth_tokens_file_in_force")
+            .with_description("1 when the grants in force are exactly the tokens file on disk, 0 when a reload left lines out or kept the previous grants")
+            .with_callback(move |gauge| gauge.observe(u64::from(state.file_in_force()), &[]))
+            .build();
+        self.meter
+            .u64_observable_gauge("idemd_auth_tokens_file_bad_lines")
+            .with_description("Lines of the tokens file last read that were left out")
+            .with_callback(move |gauge| gauge.observe(authenticator.bad_lines() as u64, &[]))
+            .build();
+    }
+
     pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         let labels = [KeyValue::new("rpc", method), KeyValue::new("code", code_name(code))];
         self.requests.add(1, &labels);
@@ -206,14 +231,51 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) -> std::io::Result<()> {
-    let router = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move { ([("content-type", "text/plain; version=0.0.4")], metrics.render()) }
-        }),
-    );
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+/// Serves `/metrics` on `listener` until `shutdown`, with the same
+/// connection slots and timeouts as the gRPC port (`crate::connections`)
+/// and hyper's header-read timeout set to the first-request timeout.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, slots: Arc<Slots>, shutdown: CancellationToken) {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1.timer(TokioTimer::new()).header_read_timeout(slots.policy().first_request_timeout).keep_alive(true);
+    let endpoint = MetricsEndpoint(metrics);
+    let connections = TaskTracker::new();
+    connections::accept_loop(listener, slots, shutdown.clone(), |stream, peer, slot| {
+        let service = TowerToHyperService::new(ConnectionService::new(endpoint.clone(), &slot, peer));
+        let connection = http1.serve_connection(TokioIo::new(stream), service);
+        connections.spawn(connections::drive(connection, slot, shutdown.clone()));
+    })
+    .await;
+    connections.close();
+    connections.wait().await;
+}
+
+/// `GET /metrics`: the Prometheus text exposition; anything else is 404/405.
+#[derive(Clone)]
+struct MetricsEndpoint(Arc<Metrics>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for MetricsEndpoint {
+    type Response = http::Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let reply = |status: http::StatusCode, content_type: &'static str, body: String| {
+            let mut response = http::Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+            response
+        };
+        let response = match (request.uri().path(), request.method()) {
+            ("/metrics", &http::Method::GET | &http::Method::HEAD) => {
+                reply(http::StatusCode::OK, "text/plain; version=0.0.4", self.0.render())
+            }
+            ("/metrics", _) => reply(http::StatusCode::METHOD_NOT_ALLOWED, "text/plain", "use GET\n".into()),
+            _ => reply(http::StatusCode::NOT_FOUND, "text/plain", "metrics are at /metrics\n".into()),
+        };
+        std::future::ready(Ok(response))
+    }
 }

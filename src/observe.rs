@@ -131,7 +131,10 @@ fn outcome_of_error(error: &Error) -> &'static str {
         Error::Unauthenticated => "unauthenticated",
         Error::NamespaceDenied => "namespace_denied",
         Error::TooManyWaiters(_) => "too_many_waiters",
-        Error::RateLimited => "rate_limited",
+        Error::RateLimited(_) => "rate_limited",
+        Error::RequestReadTimeout(_) => "request_read_timeout",
+        Error::UnauthenticatedBytes(_) => "unauthenticated_bytes",
+        Error::Unimplemented(_) => "unimplemented",
         Error::Internal(_) => "internal",
     }
 }

@@ -12,33 +12,47 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Server;
+use tonic::transport::server::Connected;
+use tower_layer::Layer;
 
 use crate::auth::{AuthInterceptor, Authenticator};
 use crate::begin_route::{BeginHandler, BeginRouteLayer};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
+use crate::connections::{self, ConnectionPolicy, ConnectionService, Slot, Slots};
 use crate::deadline::ArrivalLayer;
+use crate::fd_limit;
 use crate::health::Readiness;
 use crate::metrics::{self, Metrics};
 use crate::pb;
+use crate::request_guard::{self, RequestGuardLayer};
 use crate::service::{IdempotencyService, Limits, POLLING_WAITER_INTERVAL, WAITER_POLL};
 use crate::store::Store;
 use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
-use crate::tls::{self, ReloadingTls, TlsFiles};
+use crate::tls::{ReloadingTls, TlsFiles};
 use crate::wakeups::Wakeups;
 use crate::{health, reaper};
 
-/// Room for the other fields of a CompleteRequest next to the largest response.
-const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
-/// HTTP/2 pings on idle connections, and how long an answer may take.
-const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on every connection, and how long an answer may take: a
+/// peer that stops answering is dropped and its slot freed.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows: what a peer may send before idemd reads it,
+/// per stream and per connection. A whole Complete of the default maximum
+/// fits in one stream window.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 1024 * 1024 + request_guard::COMPLETE_OVERHEAD_BYTES as u32;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 * HTTP2_STREAM_WINDOW_BYTES;
+/// Request headers, credentials and trace context included.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// How long background tasks get to stop after the drain.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -91,6 +105,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    ensure_descriptors(&config)?;
     let wakeups = Wakeups::new();
     let background = CancellationToken::new();
     match config.database.database_url.backend().map_err(anyhow::Error::msg)? {
@@ -142,7 +157,8 @@ async fn serve<S: Store>(
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(metrics = %addr, "serving /metrics");
         }
-        tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), background.clone()))
+        let slots = Slots::new("metrics", connection_policy(&config, config.metrics_max_connections));
+        tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), slots, background.clone()))
     });
     tasks.push(reaper::spawn_reaper(store.clone(), Arc::clone(&metrics), config.reaper_interval, background.clone()));
     tasks.push(reaper::spawn_purger(store.clone(), Arc::clone(&metrics), config.purge_interval, background.clone()));
@@ -168,13 +184,14 @@ async fn serve<S: Store>(
         },
         stop_waiting.clone(),
     ));
-    let max_request_bytes = config.max_response_bytes + REQUEST_OVERHEAD_BYTES;
+    let max_request_bytes = config.max_response_bytes + request_guard::COMPLETE_OVERHEAD_BYTES;
     let idempotency = pb::idempotency_server::IdempotencyServer::from_arc(Arc::clone(&service))
         .max_decoding_message_size(max_request_bytes);
     let authenticator = match &config.auth_tokens_file {
         Some(path) => {
             let authenticator = Authenticator::load(path)?;
             tasks.push(authenticator.spawn_watcher(background.clone()));
+            metrics.observe_tokens_file(Arc::clone(&authenticator));
             Some(authenticator)
         }
         None => {
@@ -211,34 +228,51 @@ async fn serve<S: Store>(
             draining.cancel();
         }
     };
-    let router = Server::builder()
-        .max_concurrent_streams(config.max_concurrent_streams)
-        // Dead peers are detected and their connection slots freed.
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        // Before tonic's own grpc-timeout timer starts: idemd answers first.
-        .layer(ArrivalLayer)
-        .layer(WireErrorsLayer)
-        // Begin is answered before the router: a parked waiter holds less.
-        .layer(BeginRouteLayer(begin))
-        .add_service(health_service)
+    // Every request passes the same layers, outermost first.
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(idempotency);
-    let slots = Arc::new(Semaphore::new(config.max_connections));
+        .add_service(idempotency)
+        .prepare();
+    let grpc = ArrivalLayer.layer(
+        RequestGuardLayer { max_response_bytes: config.max_response_bytes, read_timeout: config.request_read_timeout }
+            .layer(WireErrorsLayer.layer(BeginRouteLayer(begin).layer(routes))),
+    );
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    let slots = Slots::new("grpc", connection_policy(&config, config.max_connections));
+    let connections = TaskTracker::new();
     let server = async {
-        match tls {
-            Some(tls) => {
-                let incoming = tls::tls_incoming(listener, tls, slots, draining.clone());
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-            None => router.serve_with_incoming_shutdown(tls::plain_incoming(listener, slots), signal).await,
-        }
+        let accept = connections::accept_loop(listener, slots, draining.clone(), |stream, _peer, slot| {
+            let (grpc, http2, drain, tls) = (grpc.clone(), http2.clone(), draining.clone(), tls.clone());
+            connections.spawn(async move {
+                match tls {
+                    None => serve_http2(stream, slot, grpc, &http2, drain).await,
+                    Some(tls) => {
+                        let handshake = async { tls.accept(stream).await };
+                        if let Some(stream) = connections::within_first_request_deadline(&slot, handshake).await {
+                            serve_http2(stream, slot, grpc, &http2, drain).await;
+                        }
+                    }
+                }
+            });
+        });
+        tokio::join!(signal, accept);
+        connections.close();
+        connections.wait().await;
+        Ok::<(), anyhow::Error>(())
     };
 
     let grace = config.shutdown_grace;
     let result = tokio::select! {
-        result = server => result.context("serving gRPC"),
+        result = server => result,
         _ = async { draining.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "shutdown grace expired; dropping the calls still in flight");
             Ok(())
@@ -253,7 +287,6 @@ async fn serve<S: Store>(
     }
     if let Some(task) = metrics_server {
         match tokio::time::timeout(TASK_STOP_TIMEOUT, task).await {
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "the metrics endpoint failed"),
             Err(_) => tracing::warn!("the metrics endpoint did not stop in time"),
             _ => {}
         }
@@ -266,6 +299,52 @@ async fn serve<S: Store>(
     metrics.shutdown();
     tracing::info!("idemd stopped");
     result
+}
+
+fn connection_policy(config: &ServeConfig, max_connections: usize) -> ConnectionPolicy {
+    ConnectionPolicy {
+        max_connections,
+        first_request_timeout: config.first_request_timeout,
+        idle_timeout: config.connection_idle_timeout,
+    }
+}
+
+/// Serves gRPC over HTTP/2 on one accepted (and, with TLS, handshaken)
+/// connection until it closes.
+async fn serve_http2<IO, S>(
+    io: IO,
+    slot: Slot,
+    grpc: S,
+    http2: &hyper::server::conn::http2::Builder<TokioExecutor>,
+    drain: CancellationToken,
+) where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let service = TowerToHyperService::new(ConnectionService::new(grpc, &slot, io.connect_info()));
+    let connection = http2.serve_connection(TokioIo::new(io), service);
+    connections::drive(connection, slot, drain).await;
+}
+
+/// The file descriptors the configured connections need, with the soft
+/// limit raised to cover them when the hard limit allows.
+fn ensure_descriptors(config: &ServeConfig) -> anyhow::Result<()> {
+    let needed = (config.max_connections + config.metrics_max_connections) as u64
+        + u64::from(config.database.db_max_connections)
+        + fd_limit::RESERVED_DESCRIPTORS;
+    match fd_limit::ensure(needed).map_err(anyhow::Error::msg)? {
+        fd_limit::FdLimit::Raised { from, to } => {
+            tracing::info!(from, to, needed, "raised the file-descriptor soft limit")
+        }
+        fd_limit::FdLimit::Enough { soft } => tracing::debug!(soft, needed, "file-descriptor limit"),
+    }
+    Ok(())
 }
 
 fn ignore_hangups(shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {

@@ -53,7 +53,9 @@ pub struct Limits {
     pub auth_required: bool,
     pub max_waiters: usize,
     pub max_waiters_per_namespace: usize,
+    pub max_waiters_per_credential: usize,
     pub rate_limit_per_namespace: u32,
+    pub rate_limit_per_credential: u32,
     /// How often a parked waiter re-checks its key without a wake-up.
     pub waiter_poll: Duration,
     /// Store calls in progress at once: enough to keep every pooled
@@ -74,7 +76,9 @@ impl From<&ServeConfig> for Limits {
             auth_required: config.auth_tokens_file.is_some(),
             max_waiters: config.max_waiters,
             max_waiters_per_namespace: config.max_waiters_per_namespace,
+            max_waiters_per_credential: config.max_waiters_per_credential(),
             rate_limit_per_namespace: config.rate_limit_per_namespace,
+            rate_limit_per_credential: config.rate_limit_per_credential(),
             waiter_poll: WAITER_POLL,
             store_concurrency: store_concurrency(&config.database),
         }
@@ -97,6 +101,7 @@ pub struct IdempotencyService<S> {
     limits: Limits,
     waiter_limits: Arc<WaiterLimits>,
     rate_limiter: Option<RateLimiter>,
+    credential_rate_limiter: Option<RateLimiter>,
     /// Store calls in progress at once (see `bounded`).
     store_slots: tokio::sync::Semaphore,
     /// Cancelled when shutdown begins: parked waiters answer at once instead
@@ -112,10 +117,25 @@ impl<S: Store> IdempotencyService<S> {
         limits: Limits,
         stop_waiting: CancellationToken,
     ) -> Self {
-        let waiter_limits = WaiterLimits::new(limits.max_waiters, limits.max_waiters_per_namespace);
-        let rate_limiter = RateLimiter::new(limits.rate_limit_per_namespace);
+        let waiter_limits = WaiterLimits::new(
+            limits.max_waiters,
+            limits.max_waiters_per_namespace,
+            limits.max_waiters_per_credential,
+        );
+        let rate_limiter = RateLimiter::new(limits.rate_limit_per_namespace, "this namespace");
+        let credential_rate_limiter = RateLimiter::new(limits.rate_limit_per_credential, "these credentials");
         let store_slots = tokio::sync::Semaphore::new(limits.store_concurrency);
-        IdempotencyService { store, wakeups, metrics, limits, waiter_limits, rate_limiter, store_slots, stop_waiting }
+        IdempotencyService {
+            store,
+            wakeups,
+            metrics,
+            limits,
+            waiter_limits,
+            rate_limiter,
+            credential_rate_limiter,
+            store_slots,
+            stop_waiting,
+        }
     }
 
     /// After the fields are valid and before the store: is this caller
@@ -129,7 +149,10 @@ impl<S: Store> IdempotencyService<S> {
             None => {}
         }
         if let Some(limiter) = &self.rate_limiter {
-            limiter.check(namespace)?;
+            limiter.check(namespace.as_str())?;
+        }
+        if let (Some(limiter), Some(principal)) = (&self.credential_rate_limiter, principal) {
+            limiter.check(principal.name())?;
         }
         Ok(())
     }
@@ -177,6 +200,7 @@ impl<S: Store> IdempotencyService<S> {
     async fn begin_and_wait(
         &self,
         request: &domain::BeginRequest,
+        principal: Option<&Principal>,
         wait_until: Option<Instant>,
         deadline: Option<Instant>,
     ) -> Result<BeginOutcome> {
@@ -198,7 +222,7 @@ impl<S: Store> IdempotencyService<S> {
                 return Ok(outcome);
             }
             if parked.is_none() {
-                parked = Some((self.waiter_limits.admit(&request.id.namespace)?, self.metrics.waiting()));
+                parked = Some((self.waiter_limits.admit(&request.id.namespace, principal)?, self.metrics.waiting()));
             }
             // The transition that ends this attempt wakes us only if it finds
             // the attempt marked as awaited; if it already ended, look again.
@@ -356,6 +380,8 @@ fn encode_record(record: Record) -> pb::Record {
 /// while it waits for its key.
 struct PreparedBegin {
     request: domain::BeginRequest,
+    /// Whose waiter limits a wait counts against.
+    principal: Option<Principal>,
     wait_until: Option<Instant>,
     deadline: Option<Instant>,
 }
@@ -397,13 +423,14 @@ impl<S: Store> IdempotencyService<S> {
         };
         Ok(PreparedBegin {
             request,
+            principal,
             wait_until: wait_until(arrived, wait, deadline),
             deadline: deadline.map(|deadline| deadline.answer_by),
         })
     }
 
     async fn run_begin(&self, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
-        let outcome = self.begin_and_wait(&begin.request, begin.wait_until, begin.deadline).await?;
+        let outcome = self.begin_and_wait(&begin.request, begin.principal.as_ref(), begin.wait_until, begin.deadline).await?;
         let (label, attempt) = match &outcome {
             BeginOutcome::Acquired(lease) => ("acquired", lease.attempt),
             BeginOutcome::Completed(stored) => ("completed", stored.attempt),

@@ -1,32 +1,26 @@
-//! The gRPC port's connections: TLS (rustls, no OpenSSL), mTLS when a
-//! client CA is given, certificates re-read when their files change
-//! (Kubernetes rotates Secrets in place), and a cap on open connections.
-//! The metrics port stays plaintext.
+//! TLS on the gRPC port (rustls, no OpenSSL), mTLS when a client CA is
+//! given, certificates re-read when their files' content changes
+//! (Kubernetes rotates Secrets in place; a copy that keeps the old
+//! modification time is noticed too). The handshake runs within the
+//! connection's first-request deadline (`crate::connections`). The metrics
+//! port stays plaintext.
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 
 /// How often certificate files are checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -43,8 +37,9 @@ impl TlsFiles {
         paths
     }
 
-    fn stamps(&self) -> Vec<Option<SystemTime>> {
-        self.paths().iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+    /// A digest of each file's content (`None`: unreadable).
+    fn stamps(&self) -> Vec<Option<[u8; 32]>> {
+        self.paths().iter().map(|p| std::fs::read(p).ok().map(|bytes| Sha256::digest(&bytes).into())).collect()
     }
 
     fn server_config(&self) -> Result<rustls::ServerConfig, String> {
@@ -87,7 +82,7 @@ impl TlsFiles {
 pub struct ReloadingTls {
     files: TlsFiles,
     acceptor: RwLock<TlsAcceptor>,
-    stamps: RwLock<Vec<Option<SystemTime>>>,
+    stamps: RwLock<Vec<Option<[u8; 32]>>>,
 }
 
 impl ReloadingTls {
@@ -105,6 +100,18 @@ impl ReloadingTls {
 
     fn acceptor(&self) -> TlsAcceptor {
         self.acceptor.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The handshake with the certificates in force; `None` when it fails
+    /// (logged at DEBUG: a scanner or a client that does not trust us).
+    pub async fn accept(&self, stream: TcpStream) -> Option<TlsStream<TcpStream>> {
+        match self.acceptor().accept(stream).await {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::debug!(%error, "TLS handshake failed");
+                None
+            }
+        }
     }
 
     fn reload_if_changed(&self) {
@@ -137,117 +144,3 @@ impl ReloadingTls {
     }
 }
 
-/// A connection holding one of the `--max-connections` slots while open.
-pub struct Limited<S> {
-    stream: S,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Limited<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
-
-impl<S: Connected> Connected for Limited<S> {
-    type ConnectInfo = S::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-/// Takes a connection slot, or refuses the connection when all are taken.
-fn admit(stream: TcpStream, slots: &Arc<Semaphore>) -> Option<(TcpStream, OwnedSemaphorePermit)> {
-    match Arc::clone(slots).try_acquire_owned() {
-        Ok(slot) => {
-            // Small gRPC frames must not wait for Nagle's algorithm.
-            let _ = stream.set_nodelay(true);
-            Some((stream, slot))
-        }
-        Err(_) => {
-            tracing::warn!("connection refused: --max-connections reached");
-            None
-        }
-    }
-}
-
-/// Plaintext connections, at most `slots` at once.
-pub fn plain_incoming(
-    listener: TcpListener,
-    slots: Arc<Semaphore>,
-) -> impl Stream<Item = std::io::Result<Limited<TcpStream>>> {
-    TcpListenerStream::new(listener).filter_map(move |accepted| {
-        let slots = Arc::clone(&slots);
-        async move {
-            match accepted {
-                Ok(stream) => admit(stream, &slots).map(|(stream, slot)| Ok(Limited { stream, _slot: slot })),
-                Err(error) => Some(Err(error)),
-            }
-        }
-    })
-}
-
-/// TLS connections, at most `slots` at once; handshakes run concurrently so
-/// a slow client cannot hold up the others. Stops accepting on `shutdown`.
-pub fn tls_incoming(
-    listener: TcpListener,
-    tls: Arc<ReloadingTls>,
-    slots: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) -> impl Stream<Item = std::io::Result<Limited<TlsStream<TcpStream>>>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tx.closed() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
-            };
-            let Some((stream, slot)) = admit(stream, &slots) else { continue };
-            let (acceptor, tx) = (tls.acceptor(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(Limited { stream, _slot: slot })).await;
-                    }
-                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
