@@ -113,7 +113,9 @@ impl Error {
             Error::DeadlineExceeded | Error::RequestReadTimeout(_) => Code::DeadlineExceeded,
             Error::Unauthenticated => Code::Unauthenticated,
             Error::NamespaceDenied => Code::PermissionDenied,
-            Error::TooManyWaiters(_) | Error::RateLimited(_) | Error::UnauthenticatedBytes(_) => Code::ResourceExhausted,
+            Error::TooManyWaiters(_) | Error::RateLimited(_) | Error::UnauthenticatedBytes(_) => {
+                Code::ResourceExhausted
+            }
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Internal(_) => Code::Internal,
         }

@@ -41,7 +41,12 @@ pub struct WaiterLimits {
 
 impl WaiterLimits {
     pub fn new(max_total: usize, max_per_namespace: usize, max_per_credential: usize) -> Arc<Self> {
-        Arc::new(WaiterLimits { max_total, max_per_namespace, max_per_credential, parked: Mutex::new(Parked::default()) })
+        Arc::new(WaiterLimits {
+            max_total,
+            max_per_namespace,
+            max_per_credential,
+            parked: Mutex::new(Parked::default()),
+        })
     }
 
     fn parked(&self) -> MutexGuard<'_, Parked> {

@@ -280,15 +280,10 @@ async fn serve<S: Store>(
     };
 
     background.cancel();
-    for task in tasks {
+    // The metrics endpoint stops with the background tasks: scrapes go on during the drain.
+    for task in tasks.into_iter().chain(metrics_server) {
         if tokio::time::timeout(TASK_STOP_TIMEOUT, task).await.is_err() {
             tracing::warn!("a background task did not stop in time");
-        }
-    }
-    if let Some(task) = metrics_server {
-        match tokio::time::timeout(TASK_STOP_TIMEOUT, task).await {
-            Err(_) => tracing::warn!("the metrics endpoint did not stop in time"),
-            _ => {}
         }
     }
     // Connections still busy with a host that went silent may never come

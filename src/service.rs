@@ -117,11 +117,8 @@ impl<S: Store> IdempotencyService<S> {
         limits: Limits,
         stop_waiting: CancellationToken,
     ) -> Self {
-        let waiter_limits = WaiterLimits::new(
-            limits.max_waiters,
-            limits.max_waiters_per_namespace,
-            limits.max_waiters_per_credential,
-        );
+        let waiter_limits =
+            WaiterLimits::new(limits.max_waiters, limits.max_waiters_per_namespace, limits.max_waiters_per_credential);
         let rate_limiter = RateLimiter::new(limits.rate_limit_per_namespace, "this namespace");
         let credential_rate_limiter = RateLimiter::new(limits.rate_limit_per_credential, "these credentials");
         let store_slots = tokio::sync::Semaphore::new(limits.store_concurrency);
@@ -430,7 +427,8 @@ impl<S: Store> IdempotencyService<S> {
     }
 
     async fn run_begin(&self, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
-        let outcome = self.begin_and_wait(&begin.request, begin.principal.as_ref(), begin.wait_until, begin.deadline).await?;
+        let outcome =
+            self.begin_and_wait(&begin.request, begin.principal.as_ref(), begin.wait_until, begin.deadline).await?;
         let (label, attempt) = match &outcome {
             BeginOutcome::Acquired(lease) => ("acquired", lease.attempt),
             BeginOutcome::Completed(stored) => ("completed", stored.attempt),

@@ -11,6 +11,7 @@ mod bench;
 mod client;
 mod complete;
 mod fuzz;
+mod hardening;
 mod heartbeat_lookup;
 mod observability;
 mod ops;

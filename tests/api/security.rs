@@ -310,7 +310,7 @@ async fn tokens_reload_on_sighup_and_the_token_command_makes_them() {
     client.begin(authed(begin_req("a"), &first)).await.expect("first token");
 
     let (second, second_line) = made("payments");
-    // Same size and mtime granularity could hide a change: SIGHUP forces the reload.
+    // SIGHUP reloads at once, without waiting for the watcher.
     write(dir.path(), "tokens", &format!("{first_line}\n{second_line}"));
     let pid = idemd.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
@@ -320,7 +320,7 @@ async fn tokens_reload_on_sighup_and_the_token_command_makes_them() {
     // A broken file is read, rejected, and the grants in force stay.
     write(dir.path(), "tokens", "this is not a grant\n");
     assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill").success());
-    idemd.wait_for_log("auth tokens file rejected", Duration::from_secs(10));
+    idemd.wait_for_log("auth tokens file holds no grant", Duration::from_secs(10));
     client.begin(authed(begin_req("c"), &second)).await.expect("the previous grants stay in force");
     assert_eq!(idemd.terminate().await.code(), Some(0));
 }
@@ -428,41 +428,4 @@ async fn request_rate_is_limited_per_namespace() {
     app.begin(in_namespace("refunds", "k")).await.expect("another namespace has its own budget");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     app.begin(begin_req("k2")).await.expect("refilled");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_limit_are_refused() {
-    let app = spawn_app_with(Backend::Sqlite, |c| c.max_connections = 2).await;
-    let lookup = |channel: tonic::transport::Channel| async move {
-        let request = pb::LookupRequest { namespace: NS.into(), key: "x".into() };
-        pb::idempotency_client::IdempotencyClient::new(channel).lookup(request).await
-    };
-    // The app's own connection (used for readiness) is the first; this is the second.
-    let second = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("the second connection is accepted");
-    assert_error(&lookup(second.clone()).await.expect_err("absent"), Code::NotFound, "NOT_FOUND");
-    // One past the limit: accepted by the kernel, closed at once by idemd.
-    let third = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
-        .expect("uri")
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await;
-    match third {
-        Err(_) => {}
-        Ok(channel) => {
-            let status = lookup(channel).await.expect_err("the third connection is refused");
-            assert_ne!(status.code(), Code::NotFound, "the call must not reach the service: {status:?}");
-        }
-    }
-    // Closing one frees its slot.
-    drop(second);
-    eventually("a slot is free again", Duration::from_secs(10), || async {
-        let channel =
-            tonic::transport::Channel::from_shared(format!("http://{}", app.addr)).ok()?.connect().await.ok()?;
-        lookup(channel).await.err().filter(|s| s.code() == Code::NotFound)
-    })
-    .await;
 }
