@@ -187,6 +187,16 @@ async fn half_sent_scrapes(addr: SocketAddr, until: Instant, counts: Arc<Counts>
     }
 }
 
+/// `message` with the token and a 5 s deadline.
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(Duration::from_secs(5));
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 /// A payment service with a valid token: Begin then Complete, each with a
 /// deadline, one pair every 50 ms.
 async fn legitimate_client(args: &Args, until: Instant, counts: Arc<Counts>) {
@@ -195,14 +205,6 @@ async fn legitimate_client(args: &Args, until: Instant, counts: Arc<Counts>) {
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     let mut client = pb::idempotency_client::IdempotencyClient::new(channel);
-    let authed = |message| {
-        let mut request = Request::new(message);
-        request.set_timeout(Duration::from_secs(5));
-        if let Ok(value) = format!("Bearer {}", args.token).parse() {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
-    };
     let mut turn = 0u64;
     while Instant::now() < until {
         turn += 1;
@@ -210,7 +212,7 @@ async fn legitimate_client(args: &Args, until: Instant, counts: Arc<Counts>) {
         let key = format!("legit-{}-{turn}", std::process::id());
         let begin = pb::BeginRequest { namespace: "payments".into(), key: key.clone(), ..Default::default() };
         let result = async {
-            let reply = client.begin(authed(begin)).await?.into_inner();
+            let reply = client.begin(authed(begin, &args.token)).await?.into_inner();
             let Some(pb::begin_response::Outcome::Acquired(lease)) = reply.outcome else {
                 return Err(tonic::Status::internal(format!("not acquired: {:?}", reply.outcome)));
             };
@@ -221,7 +223,7 @@ async fn legitimate_client(args: &Args, until: Instant, counts: Arc<Counts>) {
                 response: b"charged".to_vec(),
                 ..Default::default()
             };
-            client.complete(authed(complete)).await.map(|_| ())
+            client.complete(authed(complete, &args.token)).await.map(|_| ())
         }
         .await;
         match result {
