@@ -74,6 +74,12 @@ pub enum Error {
     /// compression idemd does not accept.
     #[error("{0}")]
     Unimplemented(String),
+    /// INTERNAL, reason `INTERNAL`: the database refused a statement as a
+    /// data or programming error (Postgres SQLSTATE classes 22, 23, 42 and
+    /// XX; SQLite constraint and SQL errors). Retrying cannot help, so it is
+    /// never UNAVAILABLE; logged at ERROR, not echoed.
+    #[error("the database refused a statement ({code}): {message}")]
+    DatabaseBug { code: String, message: String },
     /// INTERNAL: a bug or an impossible row; logged, not echoed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -100,7 +106,7 @@ impl Error {
             Error::RequestReadTimeout(_) => "REQUEST_READ_TIMEOUT",
             Error::UnauthenticatedBytes(_) => "UNAUTHENTICATED_BYTES",
             Error::Unimplemented(_) => "UNIMPLEMENTED",
-            Error::Internal(_) => "INTERNAL",
+            Error::Internal(_) | Error::DatabaseBug { .. } => "INTERNAL",
         }
     }
 
@@ -117,8 +123,57 @@ impl Error {
                 Code::ResourceExhausted
             }
             Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Internal(_) => Code::Internal,
+            Error::Internal(_) | Error::DatabaseBug { .. } => Code::Internal,
         }
+    }
+}
+
+impl Error {
+    /// The database answered the statement with an error: it was rolled
+    /// back and nothing of it took effect.
+    pub fn rejected_by_database(&self) -> bool {
+        matches!(self, Error::DatabaseBug { .. } | Error::StoreUnavailable(sqlx::Error::Database(_)))
+    }
+}
+
+/// What an error the database answered with means for the caller, by
+/// Postgres SQLSTATE class (SQLite by its result code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseErrorClass {
+    /// Connection exceptions (08), operator intervention (57P: shutdown,
+    /// crash recovery), insufficient resources (53), a read-only session
+    /// (25006): the primary may have moved; UNAVAILABLE, retry.
+    Unavailable,
+    /// Serialization failure (40001) or deadlock (40P01): the statement was
+    /// rolled back and may be run again.
+    Contention,
+    /// Data exceptions (22), integrity violations (23), syntax or access
+    /// errors (42), internal errors (XX): a bug; INTERNAL, never retried.
+    Bug,
+}
+
+pub fn classify(error: &dyn sqlx::error::DatabaseError) -> DatabaseErrorClass {
+    use sqlx::error::ErrorKind;
+    if !matches!(error.kind(), ErrorKind::Other) {
+        // A unique, foreign-key, not-null or check violation, in either database.
+        return DatabaseErrorClass::Bug;
+    }
+    let code = error.code();
+    let code = code.as_deref().unwrap_or("");
+    if error.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // By primary result code: SQLITE_ERROR (a syntax error, a missing
+        // table or column), SQLITE_CONSTRAINT, SQLITE_MISMATCH, SQLITE_RANGE.
+        let primary = code.parse::<i32>().map(|code| code & 0xff).unwrap_or(0);
+        return if matches!(primary, 1 | 19 | 20 | 25) {
+            DatabaseErrorClass::Bug
+        } else {
+            DatabaseErrorClass::Unavailable
+        };
+    }
+    match code {
+        "40001" | "40P01" => DatabaseErrorClass::Contention,
+        _ if ["22", "23", "42", "XX"].iter().any(|class| code.starts_with(class)) => DatabaseErrorClass::Bug,
+        _ => DatabaseErrorClass::Unavailable,
     }
 }
 
@@ -132,6 +187,14 @@ impl From<sqlx::Error> for Error {
             | sqlx::Error::ColumnIndexOutOfBounds { .. }
             | sqlx::Error::TypeNotFound { .. }
             | sqlx::Error::Decode(_) => Error::Internal(error.to_string()),
+            sqlx::Error::Database(database) => match classify(database.as_ref()) {
+                DatabaseErrorClass::Bug => Error::DatabaseBug {
+                    code: database.code().map(|code| code.into_owned()).unwrap_or_default(),
+                    message: database.message().to_string(),
+                },
+                DatabaseErrorClass::Contention => Error::Contention("a serialization failure or deadlock persisted"),
+                DatabaseErrorClass::Unavailable => Error::StoreUnavailable(sqlx::Error::Database(database)),
+            },
             other => Error::StoreUnavailable(other),
         }
     }
@@ -143,7 +206,7 @@ impl From<Error> for Status {
         // What went wrong inside is logged by the RPC (`observe`), never sent.
         let message = match &error {
             Error::StoreUnavailable(_) => "store unavailable; retry with backoff".to_string(),
-            Error::Internal(_) => "internal error".to_string(),
+            Error::Internal(_) | Error::DatabaseBug { .. } => "internal error".to_string(),
             other => other.to_string(),
         };
         let mut details = ErrorDetails::with_error_info(error.reason(), ERROR_DOMAIN, HashMap::new());

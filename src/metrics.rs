@@ -177,7 +177,7 @@ impl Metrics {
             Error::StoreUnavailable(_) => "unavailable",
             Error::StoreTimeout => "timeout",
             Error::Contention(_) => "contention",
-            Error::Internal(_) => "internal",
+            Error::Internal(_) | Error::DatabaseBug { .. } => "internal",
             _ => return,
         };
         self.store_errors.add(1, &[KeyValue::new("kind", kind)]);

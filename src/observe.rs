@@ -100,8 +100,8 @@ impl RpcCall {
             Error::StoreUnavailable(source) => {
                 tracing::warn!(rpc.method = self.method, idemd.namespace = namespace, error = %source, "store unavailable");
             }
-            Error::Internal(detail) => {
-                tracing::error!(rpc.method = self.method, idemd.namespace = namespace, %detail, "internal error");
+            Error::Internal(_) | Error::DatabaseBug { .. } => {
+                tracing::error!(rpc.method = self.method, idemd.namespace = namespace, detail = %error, "internal error");
             }
             _ => {}
         }
@@ -135,7 +135,7 @@ fn outcome_of_error(error: &Error) -> &'static str {
         Error::RequestReadTimeout(_) => "request_read_timeout",
         Error::UnauthenticatedBytes(_) => "unauthenticated_bytes",
         Error::Unimplemented(_) => "unimplemented",
-        Error::Internal(_) => "internal",
+        Error::Internal(_) | Error::DatabaseBug { .. } => "internal",
     }
 }
 

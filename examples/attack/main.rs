@@ -52,6 +52,9 @@ struct Args {
     /// Connections the fd-exhaustion attack keeps open at most.
     #[arg(long, default_value_t = 6000)]
     connections: usize,
+    /// Silent connections the idle-socket attack holds.
+    #[arg(long, default_value_t = 2000)]
+    idle_sockets: usize,
     /// Fail when the peak RSS grows more than this over idle.
     #[arg(long, default_value_t = 100)]
     max_rss_growth_mib: u64,
@@ -262,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
     let kinds = 4;
     tokio::join!(
         slow_bodies(args.addr, until, Arc::clone(&counts)),
-        idle_sockets(args.addr, 2000, until, Arc::clone(&counts)),
+        idle_sockets(args.addr, args.idle_sockets, until, Arc::clone(&counts)),
         fd_exhaustion(args.addr, args.connections, until, Arc::clone(&counts)),
         half_sent_scrapes(args.metrics_addr, until, Arc::clone(&counts)),
         legitimate_client(&args, until, Arc::clone(&counts)),

@@ -167,7 +167,7 @@ async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>
             judge_begins(&store, pending).await;
         }
         // Postgres rejected the statement, so nothing of it committed: each runs alone.
-        Err(Error::StoreUnavailable(sqlx::Error::Database(error))) => {
+        Err(error) if error.rejected_by_database() => {
             tracing::warn!(%error, "group commit of Begins failed; each runs alone");
             entries.into_iter().for_each(|item| begin_alone(&store, item));
         }

@@ -238,6 +238,20 @@ impl TestApp {
         }
     }
 
+    /// Runs one statement straight on the database (a fault a test injects).
+    pub async fn execute_sql(&self, sql: &str) {
+        match self.backend {
+            Backend::Postgres | Backend::PostgresBatched | Backend::PgBouncer => {
+                let mut c = sqlx::PgConnection::connect(&self.database_url).await.expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut c).await.expect("statement");
+            }
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.database_url).await.expect("connect");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut c).await.expect("statement");
+            }
+        }
+    }
+
     pub async fn begin(&self, request: pb::BeginRequest) -> Result<Outcome, Status> {
         let response = self.client.clone().begin(request).await?;
         Ok(response.into_inner().outcome.expect("an outcome"))

@@ -172,7 +172,32 @@ async fn a_store_call_past_the_callers_deadline_is_deadline_exceeded(backend: Ba
     drop(lock);
 }
 
+/// A statement the database refuses as a data or programming error is a
+/// bug: INTERNAL, never UNAVAILABLE (a caller would retry it for ever).
+async fn database_errors_that_are_bugs_answer_internal(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // A CHECK violation (SQLite: a constraint trigger) for one key.
+    let poison = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER poison BEFORE INSERT ON idemd_records WHEN NEW.key = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poison'); END"
+        }
+        _ => "ALTER TABLE idemd_records ADD CONSTRAINT poison CHECK (key <> 'poison')",
+    };
+    app.execute_sql(poison).await;
+    let status = app.begin(begin_req("poison")).await.expect_err("refused by the database");
+    assert_error(&status, Code::Internal, "INTERNAL");
+    app.acquire(begin_req("fine")).await;
+    // A statement that no longer matches the schema (SQLSTATE 42703; SQLite: no such column).
+    app.execute_sql("ALTER TABLE idemd_records RENAME COLUMN fingerprint TO fingerprint_renamed").await;
+    let status = app.begin(begin_req("after the rename")).await.expect_err("refused by the database");
+    assert_error(&status, Code::Internal, "INTERNAL");
+    let status = app.lookup("fine").await.expect_err("refused by the database");
+    assert_error(&status, Code::Internal, "INTERNAL");
+}
+
 crate::both_stores!(
+    database_errors_that_are_bugs_answer_internal,
     begin_fails_closed_when_the_store_does_not_answer,
     a_store_call_past_the_callers_deadline_is_deadline_exceeded
 );
