@@ -60,6 +60,11 @@ struct Args {
     max_rss_growth_mib: u64,
 }
 
+/// A TCP connection, or `None` when the server does not take it within a second.
+async fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await.ok()?.ok()
+}
+
 /// `VmRSS` or `VmHWM` (the peak) of a process, in KiB.
 fn rss_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -76,6 +81,8 @@ struct Counts {
     connections: AtomicU64,
     legit_ok: AtomicU64,
     legit_total: AtomicU64,
+    scrapes_ok: AtomicU64,
+    scrapes_total: AtomicU64,
 }
 
 type Chunk = Result<Frame<Bytes>, std::convert::Infallible>;
@@ -89,7 +96,7 @@ async fn slow_bodies(addr: SocketAddr, until: Instant, counts: Arc<Counts>) {
         ..Default::default()
     });
     while Instant::now() < until {
-        let Ok(stream) = TcpStream::connect(addr).await else {
+        let Some(stream) = connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -138,12 +145,12 @@ async fn slow_bodies(addr: SocketAddr, until: Instant, counts: Arc<Counts>) {
 async fn idle_sockets(addr: SocketAddr, count: usize, until: Instant, counts: Arc<Counts>) {
     let mut open = Vec::with_capacity(count);
     while open.len() < count && Instant::now() < until {
-        match TcpStream::connect(addr).await {
-            Ok(socket) => {
+        match connect(addr).await {
+            Some(socket) => {
                 counts.connections.fetch_add(1, Ordering::Relaxed);
                 open.push(socket);
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
     tokio::time::sleep_until(until).await;
@@ -158,7 +165,7 @@ async fn fd_exhaustion(addr: SocketAddr, max: usize, until: Instant, counts: Arc
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let Ok(mut socket) = TcpStream::connect(addr).await else {
+        let Some(mut socket) = connect(addr).await else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -174,11 +181,13 @@ async fn fd_exhaustion(addr: SocketAddr, max: usize, until: Instant, counts: Arc
     }
 }
 
-/// `GET /metrics` without the blank line that ends the headers.
+/// `GET /metrics` without the blank line that ends the headers, and a
+/// whole scrape once a second (what Prometheus needs to get through).
 async fn half_sent_scrapes(addr: SocketAddr, until: Instant, counts: Arc<Counts>) {
     let mut open = Vec::new();
+    let mut next_scrape = Instant::now();
     while Instant::now() < until {
-        if let Ok(mut socket) = TcpStream::connect(addr).await {
+        if let Some(mut socket) = connect(addr).await {
             counts.connections.fetch_add(1, Ordering::Relaxed);
             let _ = socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: idemd\r\n").await;
             open.push(socket);
@@ -186,8 +195,27 @@ async fn half_sent_scrapes(addr: SocketAddr, until: Instant, counts: Arc<Counts>
         if open.len() > 200 {
             open.remove(0);
         }
+        if Instant::now() >= next_scrape {
+            next_scrape += Duration::from_secs(1);
+            counts.scrapes_total.fetch_add(1, Ordering::Relaxed);
+            if tokio::time::timeout(Duration::from_secs(5), scrape(addr)).await.is_ok_and(|ok| ok) {
+                counts.scrapes_ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A whole `GET /metrics`: true when it answered 200.
+async fn scrape(addr: SocketAddr) -> bool {
+    use tokio::io::AsyncReadExt;
+    let Some(mut socket) = connect(addr).await else { return false };
+    if socket.write_all(b"GET /metrics HTTP/1.1\r\nHost: idemd\r\nConnection: close\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = Vec::new();
+    let _ = socket.read_to_end(&mut reply).await;
+    reply.starts_with(b"HTTP/1.1 200")
 }
 
 /// `message` with the token and a 5 s deadline.
@@ -201,16 +229,23 @@ fn authed<T>(message: T, token: &str) -> Request<T> {
 }
 
 /// A payment service with a valid token: Begin then Complete, each with a
-/// deadline, one pair every 50 ms.
+/// deadline, one pair every 50 ms, on a new connection every 10 pairs (as
+/// new pods and reconnecting clients do).
 async fn legitimate_client(args: &Args, until: Instant, counts: Arc<Counts>) {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", args.addr))
-        .expect("an http:// address")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    let mut client = pb::idempotency_client::IdempotencyClient::new(channel);
+    let channel = || {
+        tonic::transport::Channel::from_shared(format!("http://{}", args.addr))
+            .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+    };
+    let Ok(first) = channel() else { return };
+    let mut client = pb::idempotency_client::IdempotencyClient::new(first);
     let mut turn = 0u64;
     while Instant::now() < until {
         turn += 1;
+        if turn.is_multiple_of(10)
+            && let Ok(fresh) = channel()
+        {
+            client = pb::idempotency_client::IdempotencyClient::new(fresh);
+        }
         counts.legit_total.fetch_add(1, Ordering::Relaxed);
         let key = format!("legit-{}-{turn}", std::process::id());
         let begin = pb::BeginRequest { namespace: "payments".into(), key: key.clone(), ..Default::default() };
@@ -279,8 +314,11 @@ async fn main() -> anyhow::Result<()> {
         peak_kib / 1024,
     );
     let growth_mib = peak_kib.saturating_sub(idle_kib) / 1024;
-    println!("idle RSS {} MiB, peak {growth_mib} MiB over idle", idle_kib / 1024);
+    let (scrapes_ok, scrapes) =
+        (counts.scrapes_ok.load(Ordering::Relaxed), counts.scrapes_total.load(Ordering::Relaxed));
+    println!("idle RSS {} MiB, peak {growth_mib} MiB over idle; scrapes ok {scrapes_ok}/{scrapes}", idle_kib / 1024);
     anyhow::ensure!(total > 0 && ok == total, "legitimate calls failed during the attacks");
+    anyhow::ensure!(scrapes > 0 && scrapes_ok == scrapes, "scrapes of /metrics failed during the attacks");
     anyhow::ensure!(
         growth_mib <= args.max_rss_growth_mib,
         "peak RSS grew {growth_mib} MiB over idle (limit {} MiB)",
