@@ -38,11 +38,11 @@ use tokio_util::sync::CancellationToken;
 /// Accept errors and refusals are logged at most this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 /// The longest pause after consecutive accept errors.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// The first pause after an accept error.
-const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+pub const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 /// How long a connection asked to close gracefully may take before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What bounds the connections of one port.
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,7 @@
 //!   [`limits`] bounds waiters and request rates.
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
-//! - [`bench`] is the `idemd bench` load generator.
+//! - [`bench`](mod@bench) is the `idemd bench` load generator.
 //! - [`client`] is the Rust client and its exactly-once helper.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   [`metrics`] the registry behind `/metrics`, [`observe`] the span and
