@@ -31,6 +31,13 @@ pub enum Error {
     /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: the database did not answer.
     #[error("store unavailable: {0}")]
     StoreUnavailable(#[source] sqlx::Error),
+    /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: idemd cannot use the
+    /// database now for a reason of its own (no host of the URL is a
+    /// writable primary, the session turned read-only, the LISTEN connection
+    /// was lost, the connection of a batch failed): the primary may have
+    /// moved; safe to retry.
+    #[error("store unavailable: {0}")]
+    StoreLost(String),
     /// UNAVAILABLE, reason `STORE_UNAVAILABLE`: the store kept changing under
     /// a Begin; safe to retry.
     #[error("store contention: {0}")]
@@ -90,49 +97,73 @@ impl Error {
         Error::InvalidField { field: field.into(), description: description.into() }
     }
 
-    /// The `ErrorInfo.reason` of this error.
-    pub fn reason(&self) -> &'static str {
+    /// The one table of what an error means on the wire and in metrics:
+    /// its gRPC code, its `ErrorInfo.reason`, its metric outcome label
+    /// (`idemd.outcome` on the span) and, for a store failure, its
+    /// `idemd_store_errors` kind.
+    fn describe(&self) -> (Code, &'static str, &'static str, Option<&'static str>) {
+        use Code::*;
         match self {
-            Error::InvalidField { .. } => "INVALID_FIELD",
-            Error::FingerprintMismatch => "FINGERPRINT_MISMATCH",
-            Error::LeaseLost => "LEASE_LOST",
-            Error::NotFound => "NOT_FOUND",
-            Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => "STORE_UNAVAILABLE",
-            Error::DeadlineExceeded => "DEADLINE_EXCEEDED",
-            Error::Unauthenticated => "UNAUTHENTICATED",
-            Error::NamespaceDenied => "NAMESPACE_DENIED",
-            Error::TooManyWaiters(_) => "TOO_MANY_WAITERS",
-            Error::RateLimited(_) => "RATE_LIMITED",
-            Error::RequestReadTimeout(_) => "REQUEST_READ_TIMEOUT",
-            Error::UnauthenticatedBytes(_) => "UNAUTHENTICATED_BYTES",
-            Error::Unimplemented(_) => "UNIMPLEMENTED",
-            Error::Internal(_) | Error::DatabaseBug { .. } => "INTERNAL",
+            Error::InvalidField { .. } => (InvalidArgument, "INVALID_FIELD", "invalid_field", None),
+            Error::FingerprintMismatch => (FailedPrecondition, "FINGERPRINT_MISMATCH", "fingerprint_mismatch", None),
+            Error::LeaseLost => (FailedPrecondition, "LEASE_LOST", "lease_lost", None),
+            Error::NotFound => (NotFound, "NOT_FOUND", "not_found", None),
+            Error::StoreUnavailable(_) => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("unavailable")),
+            Error::StoreLost(_) => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("unavailable")),
+            Error::StoreTimeout => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("timeout")),
+            Error::Contention(_) => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("contention")),
+            Error::DeadlineExceeded => (DeadlineExceeded, "DEADLINE_EXCEEDED", "deadline_exceeded", None),
+            Error::RequestReadTimeout(_) => (DeadlineExceeded, "REQUEST_READ_TIMEOUT", "request_read_timeout", None),
+            Error::Unauthenticated => (Unauthenticated, "UNAUTHENTICATED", "unauthenticated", None),
+            Error::NamespaceDenied => (PermissionDenied, "NAMESPACE_DENIED", "namespace_denied", None),
+            Error::TooManyWaiters(_) => (ResourceExhausted, "TOO_MANY_WAITERS", "too_many_waiters", None),
+            Error::RateLimited(_) => (ResourceExhausted, "RATE_LIMITED", "rate_limited", None),
+            Error::UnauthenticatedBytes(_) => {
+                (ResourceExhausted, "UNAUTHENTICATED_BYTES", "unauthenticated_bytes", None)
+            }
+            Error::Unimplemented(_) => (Unimplemented, "UNIMPLEMENTED", "unimplemented", None),
+            Error::DatabaseBug { .. } | Error::Internal(_) => (Internal, "INTERNAL", "internal", Some("internal")),
         }
     }
 
+    /// The `ErrorInfo.reason` of this error.
+    pub fn reason(&self) -> &'static str {
+        self.describe().1
+    }
+
     fn code(&self) -> Code {
-        match self {
-            Error::InvalidField { .. } => Code::InvalidArgument,
-            Error::FingerprintMismatch | Error::LeaseLost => Code::FailedPrecondition,
-            Error::NotFound => Code::NotFound,
-            Error::StoreUnavailable(_) | Error::Contention(_) | Error::StoreTimeout => Code::Unavailable,
-            Error::DeadlineExceeded | Error::RequestReadTimeout(_) => Code::DeadlineExceeded,
-            Error::Unauthenticated => Code::Unauthenticated,
-            Error::NamespaceDenied => Code::PermissionDenied,
-            Error::TooManyWaiters(_) | Error::RateLimited(_) | Error::UnauthenticatedBytes(_) => {
-                Code::ResourceExhausted
-            }
-            Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Internal(_) | Error::DatabaseBug { .. } => Code::Internal,
-        }
+        self.describe().0
+    }
+
+    /// The outcome label of a call that failed with this error.
+    pub fn outcome(&self) -> &'static str {
+        self.describe().2
+    }
+
+    /// The kind of a failed store call, `None` for errors that are not the store's.
+    pub fn store_kind(&self) -> Option<&'static str> {
+        self.describe().3
     }
 }
 
 impl Error {
-    /// The database answered the statement with an error: it was rolled
-    /// back and nothing of it took effect.
+    /// After this failure the server idemd writes to may no longer be the
+    /// primary: a multi-host target looks for it again.
+    pub fn primary_may_have_moved(&self) -> bool {
+        match self {
+            Error::StoreLost(_) => true,
+            Error::StoreUnavailable(error) => crate::store::pg_session::primary_may_have_moved(error),
+            _ => false,
+        }
+    }
+
+    /// The database answered the statement with an error (or contention
+    /// outlasted the retries): nothing of it took effect.
     pub fn rejected_by_database(&self) -> bool {
-        matches!(self, Error::DatabaseBug { .. } | Error::StoreUnavailable(sqlx::Error::Database(_)))
+        matches!(
+            self,
+            Error::DatabaseBug { .. } | Error::Contention(_) | Error::StoreUnavailable(sqlx::Error::Database(_))
+        )
     }
 }
 
@@ -205,7 +236,7 @@ impl From<Error> for Status {
         let code = error.code();
         // What went wrong inside is logged by the RPC (`observe`), never sent.
         let message = match &error {
-            Error::StoreUnavailable(_) => "store unavailable; retry with backoff".to_string(),
+            Error::StoreUnavailable(_) | Error::StoreLost(_) => "store unavailable; retry with backoff".to_string(),
             Error::Internal(_) | Error::DatabaseBug { .. } => "internal error".to_string(),
             other => other.to_string(),
         };

@@ -173,14 +173,9 @@ impl Metrics {
 
     /// Counts a failed store call by kind; other errors are not store errors.
     pub fn store_error(&self, error: &Error) {
-        let kind = match error {
-            Error::StoreUnavailable(_) => "unavailable",
-            Error::StoreTimeout => "timeout",
-            Error::Contention(_) => "contention",
-            Error::Internal(_) | Error::DatabaseBug { .. } => "internal",
-            _ => return,
-        };
-        self.store_errors.add(1, &[KeyValue::new("kind", kind)]);
+        if let Some(kind) = error.store_kind() {
+            self.store_errors.add(1, &[KeyValue::new("kind", kind)]);
+        }
     }
 
     /// The Prometheus text exposition.

@@ -74,7 +74,7 @@ impl RpcCall {
                 (tonic::Code::Ok, reply.outcome, Ok(Response::new(reply.message)))
             }
             Err(error) => {
-                let outcome = outcome_of_error(&error);
+                let outcome = error.outcome();
                 self.span.in_scope(|| self.log_failure(&error));
                 let status = Status::from(error);
                 self.span.record("otel.status_code", "ERROR");
@@ -117,25 +117,6 @@ fn span_name(method: &'static str) -> &'static str {
         "Heartbeat" => "idemd.v1.Idempotency/Heartbeat",
         "Lookup" => "idemd.v1.Idempotency/Lookup",
         _ => SERVICE_NAME,
-    }
-}
-
-fn outcome_of_error(error: &Error) -> &'static str {
-    match error {
-        Error::InvalidField { .. } => "invalid_field",
-        Error::FingerprintMismatch => "fingerprint_mismatch",
-        Error::LeaseLost => "lease_lost",
-        Error::NotFound => "not_found",
-        Error::StoreUnavailable(_) | Error::StoreTimeout | Error::Contention(_) => "store_unavailable",
-        Error::DeadlineExceeded => "deadline_exceeded",
-        Error::Unauthenticated => "unauthenticated",
-        Error::NamespaceDenied => "namespace_denied",
-        Error::TooManyWaiters(_) => "too_many_waiters",
-        Error::RateLimited(_) => "rate_limited",
-        Error::RequestReadTimeout(_) => "request_read_timeout",
-        Error::UnauthenticatedBytes(_) => "unauthenticated_bytes",
-        Error::Unimplemented(_) => "unimplemented",
-        Error::Internal(_) | Error::DatabaseBug { .. } => "internal",
     }
 }
 

@@ -176,7 +176,7 @@ async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>
         Err(error) => {
             let message = error.to_string();
             for (_, reply) in entries {
-                let _ = reply.send(Err(Error::StoreUnavailable(sqlx::Error::Protocol(message.clone()))));
+                let _ = reply.send(Err(Error::StoreLost(message.clone())));
             }
         }
     }
@@ -197,15 +197,17 @@ async fn acquire_batch(
     let nonces: Vec<Option<&str>> = requests().map(|r| r.attempt_nonce.as_deref()).collect();
     let lease_tokens: Vec<&str> = tokens.iter().map(|(t, _)| t.as_str()).collect();
     let downstream: Vec<&str> = tokens.iter().map(|(_, d)| d.as_str()).collect();
-    let query = sqlx::query(BEGIN_ACQUIRE_BATCH)
-        .bind(&namespaces)
-        .bind(&keys)
-        .bind(&fingerprints)
-        .bind(&leases)
-        .bind(&retentions)
-        .bind(&downstream)
-        .bind(&lease_tokens)
-        .bind(&nonces);
+    let query = || {
+        sqlx::query(BEGIN_ACQUIRE_BATCH)
+            .bind(&namespaces)
+            .bind(&keys)
+            .bind(&fingerprints)
+            .bind(&leases)
+            .bind(&retentions)
+            .bind(&downstream)
+            .bind(&lease_tokens)
+            .bind(&nonces)
+    };
     let rows = store.session().fetch_all(query).await?;
     let mut acquired = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -227,7 +229,7 @@ async fn judge_begins(store: &PgStore, pending: Vec<Item<BeginRequest, BeginOutc
     }
     let namespaces: Vec<&str> = pending.iter().map(|(r, _)| r.id.namespace.as_str()).collect();
     let keys: Vec<&str> = pending.iter().map(|(r, _)| r.id.key.as_str()).collect();
-    let read = store.session().fetch_all(sqlx::query(BEGIN_READ_BATCH).bind(&namespaces).bind(&keys)).await;
+    let read = store.session().fetch_all(|| sqlx::query(BEGIN_READ_BATCH).bind(&namespaces).bind(&keys)).await;
     let mut current = HashMap::new();
     for row in read.unwrap_or_default() {
         if let (Ok(namespace), Ok(key), Ok(record)) =
@@ -265,13 +267,15 @@ async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completi
     let responses: Vec<&[u8]> = requests().map(|r| r.response.as_slice()).collect();
     let codes: Vec<i32> = requests().map(|r| r.response_code).collect();
     let content_types: Vec<&str> = requests().map(|r| r.content_type.as_str()).collect();
-    let query = sqlx::query(COMPLETE_BATCH)
-        .bind(&namespaces)
-        .bind(&keys)
-        .bind(&tokens)
-        .bind(&responses)
-        .bind(&codes)
-        .bind(&content_types);
+    let query = || {
+        sqlx::query(COMPLETE_BATCH)
+            .bind(&namespaces)
+            .bind(&keys)
+            .bind(&tokens)
+            .bind(&responses)
+            .bind(&codes)
+            .bind(&content_types)
+    };
     let result = store.session().fetch_all(query).await;
     match result {
         Ok(rows) => {

@@ -131,9 +131,12 @@ impl PgTarget {
                     }
                     match verdict {
                         Ok(true) => Ok(()),
-                        Ok(false) => {
-                            Err(sqlx::Error::Protocol(format!("{} is not a writable primary", attrs_name(attrs))))
-                        }
+                        // sqlx's hook can only refuse with one of its errors:
+                        // to the pool this host is as good as unreachable.
+                        Ok(false) => Err(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            format!("{} is not a writable primary", attrs_name(attrs)),
+                        ))),
                         Err(error) => Err(error),
                     }
                 })
@@ -216,7 +219,7 @@ impl PgTarget {
         tracing::warn!(url = %self.url.redacted(), "no host of the database URL qualifies ({})", attrs_name(self.url.attrs));
         Err(match last_error {
             Some(error) => Error::StoreUnavailable(error),
-            None => Error::StoreUnavailable(sqlx::Error::Protocol(format!("no {}", attrs_name(self.url.attrs)))),
+            None => Error::StoreLost(format!("no {}", attrs_name(self.url.attrs))),
         })
     }
 

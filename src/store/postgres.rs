@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::group_commit::GroupCommit;
-use super::pg_session::{PgSession, primary_may_have_moved};
+use super::pg_session::PgSession;
 use super::pg_target::PgTarget;
 use super::{Store, TokenCheck, begin_rounds, bind_acquire};
 use crate::config::{DatabaseConfig, DbPooler};
@@ -144,7 +144,7 @@ impl PgStore {
                     Ok(()) => return,
                     Err(error) => {
                         tracing::warn!(%error, "wake-up listener lost its connection; reconnecting");
-                        if primary_may_have_moved(&error) {
+                        if error.primary_may_have_moved() {
                             target.suspect();
                         }
                         wakeups.wake_all();
@@ -191,7 +191,7 @@ async fn listen_until_error(
     target: &PgTarget,
     wakeups: &Wakeups,
     shutdown: &CancellationToken,
-) -> Result<(), sqlx::Error> {
+) -> Result<()> {
     let moves = target.moves();
     let mut listener = PgListener::connect_with(pool).await?;
     listener.eager_reconnect(false);
@@ -203,19 +203,19 @@ async fn listen_until_error(
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.try_recv() => match notification? {
                 Some(notification) => wakeups.wake_topic(notification.payload()),
-                None => return Err(sqlx::Error::Protocol("the LISTEN connection closed".into())),
+                None => return Err(Error::StoreLost("the LISTEN connection closed".into())),
             },
             _ = tokio::time::sleep(LISTENER_CHECK_EVERY) => {
                 if target.moves() != moves {
-                    return Err(sqlx::Error::Protocol("the database primary moved".into()));
+                    return Err(Error::StoreLost("the database primary moved".into()));
                 }
                 use sqlx::Executor;
                 let check = (&mut listener).fetch_one(target.usable_session_query());
                 let Ok(row) = tokio::time::timeout(LISTENER_CHECK_EVERY, check).await else {
-                    return Err(sqlx::Error::Protocol("the LISTEN connection stopped answering".into()));
+                    return Err(Error::StoreLost("the LISTEN connection stopped answering".into()));
                 };
                 if !row?.try_get::<bool, _>(0)? {
-                    return Err(sqlx::Error::Protocol("the LISTEN session is read-only".into()));
+                    return Err(Error::StoreLost("the LISTEN session is read-only".into()));
                 }
             }
         }
@@ -479,15 +479,15 @@ impl PgStore {
         let id = &request.id;
         let row = self
             .session
-            .fetch_optional(
+            .fetch_optional(|| {
                 sqlx::query(COMPLETE)
                     .bind(id.namespace.as_str())
                     .bind(id.key.as_str())
                     .bind(request.lease_token.as_str())
                     .bind(request.response.as_slice())
                     .bind(request.response_code)
-                    .bind(request.content_type.as_str()),
-            )
+                    .bind(request.content_type.as_str())
+            })
             .await?;
         if let Some(row) = row {
             return Ok(Completion {
@@ -507,7 +507,7 @@ impl PgStore {
         let id = &request.id;
         let acquire = || async {
             let token = new_lease_token();
-            let row = self.session.fetch_optional(bind_acquire(sqlx::query(BEGIN_ACQUIRE), request, &token)).await?;
+            let row = self.session.fetch_optional(|| bind_acquire(sqlx::query(BEGIN_ACQUIRE), request, &token)).await?;
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
                     lease_token: token,
@@ -521,7 +521,7 @@ impl PgStore {
         let read = || async {
             let row = self
                 .session
-                .fetch_optional(sqlx::query(BEGIN_READ).bind(id.namespace.as_str()).bind(id.key.as_str()))
+                .fetch_optional(|| sqlx::query(BEGIN_READ).bind(id.namespace.as_str()).bind(id.key.as_str()))
                 .await?;
             row.map(|row| current_record(&row)).transpose()
         };
@@ -531,7 +531,7 @@ impl PgStore {
     async fn token_check(&self, id: &RecordId) -> Result<Option<TokenCheck>> {
         let row = self
             .session
-            .fetch_optional(sqlx::query(TOKEN_CHECK).bind(id.namespace.as_str()).bind(id.key.as_str()))
+            .fetch_optional(|| sqlx::query(TOKEN_CHECK).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?;
         row.as_ref().map(token_check).transpose()
     }
@@ -557,9 +557,9 @@ impl Store for PgStore {
     async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
         let row = self
             .session
-            .fetch_optional(
-                sqlx::query(ABORT).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(lease_token).bind(reason),
-            )
+            .fetch_optional(|| {
+                sqlx::query(ABORT).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(lease_token).bind(reason)
+            })
             .await?;
         if row.is_some() {
             self.woke(id);
@@ -575,7 +575,7 @@ impl Store for PgStore {
         let attempt = i32::try_from(attempt).map_err(|_| Error::Internal(format!("attempt {attempt} out of range")))?;
         let row = self
             .session
-            .fetch_optional(sqlx::query(WATCH).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(attempt))
+            .fetch_optional(|| sqlx::query(WATCH).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(attempt))
             .await?;
         Ok(match row {
             Some(row) => row.try_get("watched")?,
@@ -586,13 +586,13 @@ impl Store for PgStore {
     async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {
         let row = self
             .session
-            .fetch_optional(
+            .fetch_optional(|| {
                 sqlx::query(HEARTBEAT)
                     .bind(id.namespace.as_str())
                     .bind(id.key.as_str())
                     .bind(lease_token)
-                    .bind(micros(lease_ttl)),
-            )
+                    .bind(micros(lease_ttl))
+            })
             .await?;
         if let Some(row) = row {
             return Ok(row.try_get("lease_expires_at")?);
@@ -606,7 +606,7 @@ impl Store for PgStore {
     async fn lookup(&self, id: &RecordId) -> Result<Record> {
         let row = self
             .session
-            .fetch_optional(sqlx::query(LOOKUP).bind(id.namespace.as_str()).bind(id.key.as_str()))
+            .fetch_optional(|| sqlx::query(LOOKUP).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?
             .ok_or(Error::NotFound)?;
         Ok(Record {
@@ -630,7 +630,7 @@ impl Store for PgStore {
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
-        let rows = self.session.fetch_all(sqlx::query(REAP).bind(limit)).await?;
+        let rows = self.session.fetch_all(|| sqlx::query(REAP).bind(limit)).await?;
         let reaped = rows
             .iter()
             .map(|row| {
@@ -650,7 +650,7 @@ impl Store for PgStore {
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        self.session.execute(sqlx::query(PURGE).bind(limit)).await
+        self.session.execute(|| sqlx::query(PURGE).bind(limit)).await
     }
 
     /// Only with LISTEN: through a transaction pooler without a direct URL,
@@ -661,14 +661,14 @@ impl Store for PgStore {
 
     async fn ping(&self) -> Result<()> {
         let target = self.session.target();
-        let check = self.session.fetch_optional(sqlx::query(target.usable_session_query()));
+        let check = self.session.fetch_optional(|| sqlx::query(target.usable_session_query()));
         // A ping that hangs (connections refused, a host gone silent) also
         // makes a multi-host target look for the primary again.
         match tokio::time::timeout(PING_PATIENCE, check).await {
             Ok(Ok(Some(row))) if row.try_get::<bool, _>(0)? => Ok(()),
             Ok(Ok(_)) => {
                 target.suspect();
-                Err(Error::StoreUnavailable(sqlx::Error::Protocol("the database session is read-only".into())))
+                Err(Error::StoreLost("the database session is read-only".into()))
             }
             Ok(Err(error)) => Err(error),
             Err(_) => {
