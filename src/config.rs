@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 
 use crate::store::pg_url::PgUrl;
 
-/// Lease lengths callers may ask for (API.md).
+/// Lease lengths callers may ask for (proto/idemd/v1/idempotency.proto).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
 /// The longest `wait_timeout` a Begin may ask for.

@@ -3,7 +3,7 @@
 //!
 //! tonic enforces `grpc-timeout` itself, around every service: when it runs
 //! out, tonic drops the call and answers CANCELLED "Timeout expired", without
-//! our ErrorInfo, and so does a tonic client on its side. API.md promises
+//! our ErrorInfo, and so does a tonic client on its side. The contract (the proto) promises
 //! DEADLINE_EXCEEDED, and a waiting Begin promises `in_progress` just before
 //! the deadline; both must therefore be answered before tonic's timer fires.
 //! [`ArrivalLayer`] notes the instant a request arrives, before tonic starts

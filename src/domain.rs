@@ -20,7 +20,7 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// Tokens we issue are 51 bytes; anything much longer cannot be one of ours.
 pub const MAX_LEASE_TOKEN_LEN: usize = 256;
 
-/// Whether `c` is a control character as API.md defines it.
+/// Whether `c` is a control character as the proto defines it.
 fn is_control(c: char) -> bool {
     matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}')
 }

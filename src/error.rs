@@ -1,7 +1,7 @@
 //! The one error type of idemd and its single mapping to `tonic::Status`.
 //!
 //! Every status carries a `google.rpc.ErrorInfo` (domain `idemd`) with the
-//! reason API.md fixes; INVALID_ARGUMENT also carries `google.rpc.BadRequest`
+//! reason the proto documents; INVALID_ARGUMENT also carries `google.rpc.BadRequest`
 //! field violations. Store failures are logged here and never echoed.
 
 use std::collections::HashMap;

@@ -3,8 +3,6 @@
 //! Map of the crate, from the wire inwards:
 //! - [`server`] binds the gRPC port and wires everything; shuts down gracefully.
 //! - [`service`] implements the five RPCs: validate, call one store method, encode.
-//! - [`begin_route`] answers Begin in front of tonic's router, so a parked
-//!   waiter holds little.
 //! - [`codec`] decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
 //! - [`error`] is the one error type and its one mapping to `tonic::Status`.
 //! - [`domain`] holds plain validated types and the outcome of each transition.
@@ -25,7 +23,6 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod begin_route;
 pub mod bench;
 pub mod client;
 pub mod codec;

@@ -36,7 +36,7 @@ use crate::connections::{Connection, ConnectionHandle};
 use crate::error::Error;
 
 /// The largest message of Begin, Abort, Heartbeat and Lookup: twice what
-/// their fields at API.md's limits add up to, with room for additions.
+/// their fields at the proto's limits add up to, with room for additions.
 pub const SMALL_MESSAGE_BYTES: usize = 4 * 1024;
 /// Health check requests name a service.
 pub const HEALTH_MESSAGE_BYTES: usize = 1024;

@@ -24,7 +24,6 @@ use tonic::transport::server::Connected;
 use tower_layer::Layer;
 
 use crate::auth::{AuthInterceptor, Authenticator};
-use crate::begin_route::{BeginHandler, BeginRouteLayer};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
 use crate::connections::{self, ConnectionPolicy, ConnectionService, Slot, Slots};
@@ -74,9 +73,6 @@ pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` resolves. Validates the
-/// configuration, opens the store and applies migrations (unless
-/// `--no-migrate`) before the first call is answered.
 /// The already-bound sockets a server serves on: production binds the
 /// configured addresses, tests bind port 0 and read the addresses back.
 #[derive(Debug)]
@@ -99,6 +95,9 @@ impl Listeners {
     }
 }
 
+/// Serves on the listeners until `shutdown` resolves. Validates the
+/// configuration, opens the store and applies migrations (unless
+/// `--no-migrate`) before the first call is answered.
 pub async fn run(
     config: ServeConfig,
     listeners: Listeners,
@@ -185,8 +184,8 @@ async fn serve<S: Store>(
         stop_waiting.clone(),
     ));
     let max_request_bytes = config.max_response_bytes + request_guard::COMPLETE_OVERHEAD_BYTES;
-    let idempotency = pb::idempotency_server::IdempotencyServer::from_arc(Arc::clone(&service))
-        .max_decoding_message_size(max_request_bytes);
+    let idempotency =
+        pb::idempotency_server::IdempotencyServer::from_arc(service).max_decoding_message_size(max_request_bytes);
     let authenticator = match &config.auth_tokens_file {
         Some(path) => {
             let authenticator = Authenticator::load(path)?;
@@ -201,7 +200,6 @@ async fn serve<S: Store>(
         }
     };
     // Health and reflection stay open: Kubernetes probes send no credentials.
-    let begin = BeginHandler::new(service, AuthInterceptor(authenticator.clone()), max_request_bytes);
     let idempotency = InterceptedService::new(idempotency, AuthInterceptor(authenticator));
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -236,7 +234,7 @@ async fn serve<S: Store>(
         .prepare();
     let grpc = ArrivalLayer.layer(
         RequestGuardLayer { max_response_bytes: config.max_response_bytes, read_timeout: config.request_read_timeout }
-            .layer(WireErrorsLayer.layer(BeginRouteLayer(begin).layer(routes))),
+            .layer(WireErrorsLayer.layer(routes)),
     );
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2

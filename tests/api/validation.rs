@@ -238,7 +238,7 @@ async fn malformed_grpc_framing_is_invalid_argument(backend: Backend) {
     });
     let status = raw_call(&app, "/idemd.v1.Idempotency/Complete", frame(0, oversized.len() as u32, &oversized)).await;
     assert_invalid_field(&status, "request");
-    // Begin is decoded in front of tonic's router (src/begin_route.rs): the same limit.
+    // Begin's own limit is far below Complete's.
     let oversized = prost::Message::encode_to_vec(&pb::BeginRequest {
         namespace: NS.into(),
         key: "k".into(),
@@ -251,8 +251,7 @@ async fn malformed_grpc_framing_is_invalid_argument(backend: Backend) {
     app.acquire(begin_req("after")).await;
 }
 
-/// No compression is enabled: a compressed request is UNIMPLEMENTED, Begin
-/// (answered in front of the router) exactly as the other methods.
+/// No compression is enabled: a compressed request is UNIMPLEMENTED.
 async fn compressed_requests_are_unimplemented(backend: Backend) {
     let app = spawn_app(backend).await;
     let begin = prost::Message::encode_to_vec(&begin_req("compressed"));
