@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Two idemd builds, alternating on one throwaway PostgreSQL (default
+# durability), at one concurrency: what a change does to throughput, with the
+# noise of this shared machine visible in the spread of each side's rounds.
+# Each round starts the build on the same database, runs `idemd bench`
+# (pairs, with the load generator of the NEW build) and stops it.
+#
+#   benches/ab.sh OLD_IDEMD NEW_IDEMD        # 64 clients, 10 s, 3 rounds each
+#   CONCURRENCY=256 SECONDS_PER_RUN=8 ROUNDS=4 REST=20 benches/ab.sh old new
+#
+# REST (seconds, default 20) idles the machine between runs: this machine's
+# disk slows down after a while of thousands of fsyncs a second (see
+# docs/performance.md) and recovers when left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+old=${1:?usage: benches/ab.sh OLD_IDEMD NEW_IDEMD}
+new=${2:?usage: benches/ab.sh OLD_IDEMD NEW_IDEMD}
+concurrency=${CONCURRENCY:-64}
+seconds=${SECONDS_PER_RUN:-10}
+rounds=${ROUNDS:-3}
+rest=${REST:-20}
+# shellcheck source=scripts/lib/postgres.sh
+. scripts/lib/postgres.sh
+port=$(free_port)
+as_pg "$bindir/initdb" -D "$root/data" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1
+as_pg "$bindir/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 60 \
+  -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
+as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
+url="postgres://postgres@127.0.0.1:$port/idemd"
+
+run() {
+  local binary=$1 grpc_port server
+  grpc_port=$(free_port)
+  "$binary" serve --listen "127.0.0.1:$grpc_port" --metrics-listen 127.0.0.1:0 --database-url "$url" \
+    --db-max-connections 64 2>"$root/idemd.log" &
+  server=$!
+  for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd.log" && break; sleep 0.1; done
+  "$new" bench --addr "http://127.0.0.1:$grpc_port" --concurrency "$concurrency" --duration "${seconds}s" --json \
+    | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["pairs_per_second"]))'
+  kill -TERM "$server"
+  wait "$server" || true
+  sleep "$rest"
+}
+
+old_runs=() new_runs=()
+for round in $(seq 1 "$rounds"); do
+  old_runs+=("$(run "$old")")
+  new_runs+=("$(run "$new")")
+  log "round $round: old ${old_runs[-1]}, new ${new_runs[-1]} pairs/s at $concurrency clients"
+done
+echo "old: ${old_runs[*]} pairs/s"
+echo "new: ${new_runs[*]} pairs/s"
