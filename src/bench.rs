@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::pb::{self, begin_response::Outcome, idempotency_client::IdempotencyClient};
+use idemd_client::pb::{self, begin_response::Outcome, idempotency_client::IdempotencyClient};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {

@@ -16,7 +16,6 @@
 //! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
 //! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
 //! - [`bench`](mod@bench) is the `idemd bench` load generator.
-//! - [`client`] is the Rust client and its exactly-once helper.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   [`metrics`] the registry behind `/metrics`, [`observe`] the span and
 //!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
@@ -24,7 +23,6 @@
 
 pub mod auth;
 pub mod bench;
-pub mod client;
 pub mod codec;
 pub mod config;
 pub mod connections;

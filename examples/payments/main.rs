@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use idemd::client::{Attempt, Client, Failure, Policy, Response, entity_key, fingerprint};
+use idemd_client::{Attempt, Client, Failure, Policy, Response, entity_key, fingerprint};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idemd::client::{Attempt, Client, Failure, Policy, Response, RunError, fingerprint};
+use idemd_client::{Attempt, Client, Failure, Policy, Response, RunError, fingerprint};
 
 use crate::helpers::*;
 

@@ -1,4 +1,5 @@
 """The Python helper against a real idemd (the binary scripts/test built)."""
+import json
 import os
 import pathlib
 import signal
@@ -60,9 +61,14 @@ def key():
 
 
 def test_vectors_match_the_other_languages():
-    assert entity_key("order-42", "charge") == "6923813e-18d2-516f-9f79-42dd4d16d4ed"
-    assert fingerprint({"amount": b"1000", "currency": b"EUR"}).hex() == \
-        "822c57836d92e068674f9ade417cc37df5a3ae98cc358218dd81766779a4a39e"
+    # clients/testdata/vectors.json: the same cases every client's tests read.
+    vectors = json.loads((pathlib.Path(__file__).parents[2] / "testdata" / "vectors.json").read_text(encoding="utf-8"))
+    assert vectors["entity_keys"] and vectors["fingerprints"]
+    for case in vectors["entity_keys"]:
+        assert entity_key(case["entity"], case["operation"]) == case["key"], case
+    for case in vectors["fingerprints"]:
+        fields = {name: value.encode() for name, value in case["fields"].items()}
+        assert fingerprint(fields).hex() == case["sha256_hex"], case
     assert fingerprint({"currency": b"EUR", "amount": b"1000"}) == fingerprint({"amount": b"1000", "currency": b"EUR"})
 
 

@@ -14,6 +14,9 @@
 //! If the caller's task is dropped mid-operation (its process "crashes"),
 //! the heartbeats stop with it: they run inside the same future, so the lease
 //! expires and the next attempt re-acquires with the same `downstream_key`.
+//!
+//! This crate depends on tonic's client side only; [`pb`] is the contract's
+//! generated code (messages and the raw `IdempotencyClient`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,7 +26,21 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::pb::{self, begin_response::Outcome, idempotency_client::IdempotencyClient};
+use crate::pb::{begin_response::Outcome, idempotency_client::IdempotencyClient};
+
+/// Code generated from `proto/idemd/v1/idempotency.proto` (client side).
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("idemd.v1");
+
+    /// A std duration as a protobuf Duration (saturating).
+    pub fn duration(value: std::time::Duration) -> prost_types::Duration {
+        prost_types::Duration {
+            seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
+        }
+    }
+}
 
 /// The UUIDv5 namespace of [`entity_key`]: UUIDv5(URL, "urn:idemd:key").
 /// Keys are the same in every client language.
@@ -356,24 +373,41 @@ fn from_proto(value: prost_types::Duration) -> Duration {
 mod tests {
     use super::*;
 
-    #[test]
-    fn fingerprints_are_canonical() {
-        let a = fingerprint(&[("amount", b"1000"), ("currency", b"EUR")]);
-        let b = fingerprint(&[("currency", b"EUR"), ("amount", b"1000")]);
-        assert_eq!(a, b);
-        assert_eq!(a.len(), 32);
-        assert_ne!(fingerprint(&[("a", b"bc")]), fingerprint(&[("ab", b"c")]));
-        // The vector every client language checks (computed independently in Python).
-        assert_eq!(
-            hex::encode(fingerprint(&[("amount", b"1000"), ("currency", b"EUR")])),
-            "822c57836d92e068674f9ade417cc37df5a3ae98cc358218dd81766779a4a39e"
-        );
+    /// `clients/testdata/vectors.json`, which every client's tests read.
+    fn vectors() -> serde_json::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/vectors.json");
+        let text = std::fs::read_to_string(path).expect("clients/testdata/vectors.json");
+        serde_json::from_str(&text).expect("vectors are JSON")
+    }
+
+    fn text<'a>(value: &'a serde_json::Value, field: &str) -> &'a str {
+        value[field].as_str().expect("a string")
     }
 
     #[test]
-    fn entity_keys_are_stable() {
-        assert_eq!(entity_key("order-42", "charge"), entity_key("order-42", "charge"));
-        assert_ne!(entity_key("order-42", "charge"), entity_key("order-42", "refund"));
-        assert_eq!(entity_key("order-42", "charge"), "6923813e-18d2-516f-9f79-42dd4d16d4ed");
+    fn entity_keys_match_the_shared_vectors() {
+        let vectors = vectors();
+        let cases = vectors["entity_keys"].as_array().expect("entity_keys");
+        assert!(!cases.is_empty());
+        for case in cases {
+            assert_eq!(entity_key(text(case, "entity"), text(case, "operation")), text(case, "key"), "{case}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_match_the_shared_vectors() {
+        let vectors = vectors();
+        let cases = vectors["fingerprints"].as_array().expect("fingerprints");
+        assert!(!cases.is_empty());
+        for case in cases {
+            let fields: Vec<(&str, &[u8])> = case["fields"]
+                .as_object()
+                .expect("fields")
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str().expect("text").as_bytes()))
+                .collect();
+            assert_eq!(hex::encode(fingerprint(&fields)), text(case, "sha256_hex"), "{case}");
+        }
+        assert_ne!(fingerprint(&[("a", b"bc")]), fingerprint(&[("ab", b"c")]));
     }
 }
