@@ -83,10 +83,17 @@ impl RecordId {
         Ok(RecordId { namespace: Namespace::parse(namespace)?, key: Key::parse(key)? })
     }
 
-    /// `namespace/key`: unambiguous because a namespace has no `/`. Used as
-    /// the wake-up channel payload and the waiter map key.
-    pub fn wake_topic(&self) -> String {
-        format!("{}/{}", self.namespace.as_str(), self.key.as_str())
+    /// The id of a row read back from the database, which only ever holds
+    /// ids that were checked on the way in.
+    pub fn stored(namespace: String, key: String) -> Self {
+        RecordId { namespace: Namespace(namespace), key: Key(key) }
+    }
+
+    /// The id a wake-up `NOTIFY` names as `namespace/key` (unambiguous: a
+    /// namespace has no `/`); `None` for a payload that is not one.
+    pub fn from_wake_payload(payload: &str) -> Option<Self> {
+        let (namespace, key) = payload.split_once('/')?;
+        RecordId::parse(namespace.to_string(), key.to_string()).ok()
     }
 }
 

@@ -5,7 +5,7 @@
 //! lands between the attempt and the wait is never lost. Subscriptions hold
 //! no database connection: a parked waiter is a watch receiver and a map
 //! entry, removed with the last subscriber. SQLite wakes in-process; Postgres
-//! relays `NOTIFY` from any replica through [`Wakeups::wake_topic`].
+//! relays `NOTIFY` from any replica through [`Wakeups::wake_payload`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -16,8 +16,8 @@ use crate::domain::RecordId;
 
 #[derive(Debug, Default)]
 pub struct Wakeups {
-    /// topic (`namespace/key`) → a counter bumped on every wake-up.
-    topics: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// A key with waiters → a counter bumped on every wake-up.
+    topics: Mutex<HashMap<RecordId, watch::Sender<u64>>>,
 }
 
 impl Wakeups {
@@ -25,27 +25,34 @@ impl Wakeups {
         Arc::new(Wakeups::default())
     }
 
-    fn topics(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+    fn topics(&self) -> MutexGuard<'_, HashMap<RecordId, watch::Sender<u64>>> {
         // The map stays consistent even if a holder panicked mid-insert.
         self.topics.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts listening for wake-ups of `id`; call before trying to acquire.
     pub fn subscribe(self: &Arc<Self>, id: &RecordId) -> Subscription {
-        let topic = id.wake_topic();
+        let topic = id.clone();
         let receiver = self.topics().entry(topic.clone()).or_insert_with(|| watch::channel(0).0).subscribe();
         Subscription { hub: Arc::clone(self), topic, receiver: Some(receiver) }
     }
 
-    /// Wakes the waiters of one `namespace/key` topic, if any.
-    pub fn wake_topic(&self, topic: &str) {
-        if let Some(sender) = self.topics().get(topic) {
+    /// Wakes the waiters of one key, if any.
+    pub fn wake(&self, id: &RecordId) {
+        if let Some(sender) = self.topics().get(id) {
             sender.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 
-    pub fn wake(&self, id: &RecordId) {
-        self.wake_topic(&id.wake_topic());
+    /// Wakes the waiters of the key a `NOTIFY` payload names.
+    pub fn wake_payload(&self, payload: &str) {
+        match RecordId::from_wake_payload(payload) {
+            Some(id) => self.wake(&id),
+            None => {
+                tracing::warn!(payload, "a wake-up that names no key; waking every waiter");
+                self.wake_all();
+            }
+        }
     }
 
     /// Wakes everyone: used when wake-ups may have been missed (the
@@ -66,7 +73,7 @@ impl Wakeups {
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Wakeups>,
-    topic: String,
+    topic: RecordId,
     receiver: Option<watch::Receiver<u64>>,
 }
 
@@ -113,6 +120,15 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(hub.waiting_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_notify_payload_wakes_its_key() {
+        let hub = Wakeups::new();
+        let mut a = hub.subscribe(&RecordId::parse("ns".into(), "a/b".into()).expect("valid id"));
+        hub.wake_payload("ns/a/b");
+        tokio::time::timeout(Duration::from_secs(1), a.woken()).await.expect("woken");
+        assert_eq!(RecordId::from_wake_payload("no slash"), None);
     }
 
     #[tokio::test]

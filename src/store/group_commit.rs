@@ -21,8 +21,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::postgres::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, PgStore, attempt_of, current_record};
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, Timestamp, Verdict, micros, new_downstream_key,
-    new_lease_token,
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, Timestamp, Verdict, micros,
+    new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
 
@@ -111,11 +111,11 @@ async fn gather<T>(receiver: &Mutex<mpsc::Receiver<T>>, max_batch: usize, window
 type Split<Q, A> = (Vec<Item<Q, A>>, Vec<Item<Q, A>>);
 
 /// Splits a batch into one entry per key and the repeats.
-fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> Split<Q, A> {
+fn distinct<Q, A>(batch: Vec<Item<Q, A>>, id: impl Fn(&Q) -> RecordId) -> Split<Q, A> {
     let mut seen = HashSet::new();
     let (mut entries, mut repeats) = (Vec::new(), Vec::new());
     for item in batch {
-        if seen.insert(topic(&item.0)) {
+        if seen.insert(id(&item.0)) {
             entries.push(item);
         } else {
             repeats.push(item);
@@ -124,9 +124,19 @@ fn distinct<Q, A>(batch: Vec<Item<Q, A>>, topic: impl Fn(&Q) -> String) -> Split
     (entries, repeats)
 }
 
+/// A Begin whose caller has gone (its deadline passed, it hung up) while it
+/// was queued: running it would take a lease nobody holds, keeping the key
+/// busy until the reaper frees it.
+fn abandoned<Q, A>((_, reply): &Item<Q, A>) -> bool {
+    reply.is_closed()
+}
+
 fn begin_alone(store: &PgStore, (request, reply): Item<BeginRequest, BeginOutcome>) {
     let store = store.clone();
     tokio::spawn(async move {
+        if reply.is_closed() {
+            return;
+        }
         let outcome = tokio::time::timeout(store.store_timeout(), store.begin_single(&request)).await;
         let _ = reply.send(outcome.unwrap_or(Err(Error::StoreTimeout)));
     });
@@ -140,7 +150,11 @@ fn complete_alone(store: &PgStore, (request, reply): Item<CompleteRequest, Compl
     });
 }
 
-async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>) {
+async fn run_begins(store: PgStore, mut batch: Vec<Item<BeginRequest, BeginOutcome>>) {
+    batch.retain(|item| !abandoned(item));
+    if batch.is_empty() {
+        return;
+    }
     if batch.len() == 1 {
         for (request, reply) in batch {
             let _ = reply.send(store.begin_single(&request).await);
@@ -150,13 +164,13 @@ async fn run_begins(store: PgStore, batch: Vec<Item<BeginRequest, BeginOutcome>>
     tracing::debug!(size = batch.len(), "group commit of Begins");
     // A caller that gave up while queued must not be handed a lease nobody holds.
     let batch: Vec<_> = batch.into_iter().filter(|(_, reply)| !reply.is_closed()).collect();
-    let (entries, repeats) = distinct(batch, |r| r.id.wake_topic());
+    let (entries, repeats) = distinct(batch, |r| r.id.clone());
     let tokens: Vec<(String, String)> = entries.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
     match acquire_batch(&store, &entries, &tokens).await {
         Ok(mut acquired) => {
             let mut pending = Vec::new();
             for ((request, reply), (token, _)) in entries.into_iter().zip(tokens) {
-                match acquired.remove(&request.id.wake_topic()) {
+                match acquired.remove(&request.id) {
                     Some((attempt, lease_expires_at, downstream_key)) => {
                         let lease = Lease { lease_token: token, attempt, lease_expires_at, downstream_key };
                         let _ = reply.send(Ok(BeginOutcome::Acquired(lease)));
@@ -187,7 +201,7 @@ async fn acquire_batch(
     store: &PgStore,
     entries: &[Item<BeginRequest, BeginOutcome>],
     tokens: &[(String, String)],
-) -> Result<HashMap<String, (u32, Timestamp, String)>> {
+) -> Result<HashMap<RecordId, (u32, Timestamp, String)>> {
     let requests = || entries.iter().map(|(r, _)| r);
     let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
     let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
@@ -214,7 +228,7 @@ async fn acquire_batch(
         let namespace: String = row.try_get("namespace")?;
         let key: String = row.try_get("key")?;
         acquired.insert(
-            format!("{namespace}/{key}"),
+            RecordId::stored(namespace, key),
             (attempt_of(&row)?, row.try_get("lease_expires_at")?, row.try_get("downstream_key")?),
         );
     }
@@ -235,11 +249,11 @@ async fn judge_begins(store: &PgStore, pending: Vec<Item<BeginRequest, BeginOutc
         if let (Ok(namespace), Ok(key), Ok(record)) =
             (row.try_get::<String, _>("namespace"), row.try_get::<String, _>("key"), current_record(&row))
         {
-            current.insert(format!("{namespace}/{key}"), record);
+            current.insert(RecordId::stored(namespace, key), record);
         }
     }
     for (request, reply) in pending {
-        match current.remove(&request.id.wake_topic()).map(|record| record.verdict(&request)) {
+        match current.remove(&request.id).map(|record| record.verdict(&request)) {
             Some(Verdict::Outcome(outcome)) => {
                 let _ = reply.send(Ok(outcome));
             }
@@ -259,7 +273,7 @@ async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completi
         return;
     }
     tracing::debug!(size = batch.len(), "group commit of Completes");
-    let (entries, repeats) = distinct(batch, |r| r.id.wake_topic());
+    let (entries, repeats) = distinct(batch, |r| r.id.clone());
     let requests = || entries.iter().map(|(r, _)| r);
     let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
     let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
@@ -287,11 +301,11 @@ async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completi
                     row.try_get("completed_at"),
                     row.try_get("expires_at"),
                 ) {
-                    done.insert(format!("{namespace}/{key}"), Completion { completed_at, expires_at });
+                    done.insert(RecordId::stored(namespace, key), Completion { completed_at, expires_at });
                 }
             }
             for (request, reply) in entries {
-                match done.remove(&request.id.wake_topic()) {
+                match done.remove(&request.id) {
                     Some(completion) => {
                         let _ = reply.send(Ok(completion));
                     }
@@ -306,4 +320,19 @@ async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completi
         }
     }
     repeats.into_iter().for_each(|item| complete_alone(&store, item));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_begin_whose_caller_has_gone_is_abandoned() {
+        let (waiting, _answer) = oneshot::channel::<Result<()>>();
+        let (gone, answer) = oneshot::channel::<Result<()>>();
+        drop(answer);
+        let mut batch: Vec<Item<&str, ()>> = vec![("waiting", waiting), ("gone", gone)];
+        batch.retain(|item| !abandoned(item));
+        assert_eq!(batch.iter().map(|(name, _)| *name).collect::<Vec<_>>(), ["waiting"]);
+    }
 }

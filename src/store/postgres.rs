@@ -202,7 +202,7 @@ async fn listen_until_error(
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             notification = listener.try_recv() => match notification? {
-                Some(notification) => wakeups.wake_topic(notification.payload()),
+                Some(notification) => wakeups.wake_payload(notification.payload()),
                 None => return Err(Error::StoreLost("the LISTEN connection closed".into())),
             },
             _ = tokio::time::sleep(LISTENER_CHECK_EVERY) => {
@@ -643,7 +643,7 @@ impl Store for PgStore {
             .collect::<Result<Vec<_>>>()?;
         if let Some(wakeups) = &self.local_wakeups {
             for lease in &reaped {
-                wakeups.wake_topic(&format!("{}/{}", lease.namespace, lease.key));
+                wakeups.wake(&RecordId::stored(lease.namespace.clone(), lease.key.clone()));
             }
         }
         Ok(reaped)

@@ -401,7 +401,7 @@ impl Store for SqliteStore {
             })
             .collect::<Result<Vec<_>>>()?;
         for lease in &reaped {
-            self.wakeups.wake_topic(&format!("{}/{}", lease.namespace, lease.key));
+            self.wakeups.wake(&RecordId::stored(lease.namespace.clone(), lease.key.clone()));
         }
         Ok(reaped)
     }
