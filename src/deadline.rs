@@ -86,11 +86,6 @@ impl Deadline {
     }
 }
 
-/// By when a call's store work must have answered, if the caller set a deadline.
-pub fn answer_by<T>(request: &tonic::Request<T>) -> Option<Instant> {
-    Deadline::of(request).map(|deadline| deadline.answer_by)
-}
-
 /// The caller's timeout from `grpc-timeout`, if it sent a valid one.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;

@@ -2,7 +2,9 @@
 //!
 //! Map of the crate, from the wire inwards:
 //! - [`server`] binds the gRPC port and wires everything; shuts down gracefully.
-//! - [`service`] implements the five RPCs: validate, call one store method, encode.
+//! - [`service`] implements the five RPCs: one prologue (caller, deadline,
+//!   record id, grant, admission), one store method; `wire` converts
+//!   between the proto types and the domain's.
 //! - [`codec`] decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
 //! - [`error`] is the one error type and its one mapping to `tonic::Status`.
 //! - [`domain`] holds plain validated types and the outcome of each transition.
@@ -43,6 +45,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod wakeups;
+pub(crate) mod wire;
 
 /// Code generated from `proto/idemd/v1/idempotency.proto`.
 pub mod pb {

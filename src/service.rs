@@ -13,10 +13,10 @@ use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::config::{MAX_LEASE_TTL, MAX_WAIT_TIMEOUT, MIN_LEASE_TTL, ServeConfig};
-use crate::deadline::{Deadline, answer_by, arrived_at, wait_until};
+use crate::deadline::{Deadline, arrived_at, wait_until};
 use crate::domain::{
-    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Namespace, Record,
-    RecordId, Timestamp, check_fingerprint, check_lease_token, check_text,
+    self, BeginOutcome, CompleteRequest, MAX_CONTENT_TYPE_LEN, MAX_NONCE_LEN, MAX_REASON_LEN, Namespace, RecordId,
+    check_fingerprint, check_lease_token, check_text,
 };
 use crate::error::{Error, Result};
 use crate::limits::{RateLimiter, WaiterLimits};
@@ -26,6 +26,7 @@ use crate::pb;
 use crate::store::Store;
 use crate::telemetry::traced_span;
 use crate::wakeups::Wakeups;
+use crate::wire::{Addressed, duration_in, encode_begin, encode_record, timestamp};
 
 /// A waiter re-checks its key about this often even without a wake-up: the
 /// safety net under the notifications, which are reliable on their own
@@ -256,120 +257,8 @@ fn store_span_name(operation: &'static str) -> &'static str {
     }
 }
 
-/// A protobuf Duration as a std Duration: malformed or negative ones are
-/// INVALID_ARGUMENT naming `field`.
-fn parse_duration(field: &str, value: &prost_types::Duration) -> Result<Duration> {
-    // The protobuf spec's range for Duration.seconds: ±10,000 years.
-    const MAX_SECONDS: i64 = 315_576_000_000;
-    let (seconds, nanos) = (value.seconds, value.nanos);
-    if !(-999_999_999..=999_999_999).contains(&nanos) {
-        return Err(Error::invalid(field, format!("{field}.nanos is out of range")));
-    }
-    if (seconds > 0 && nanos < 0) || (seconds < 0 && nanos > 0) {
-        return Err(Error::invalid(field, format!("{field} has mixed signs")));
-    }
-    if !(-MAX_SECONDS..=MAX_SECONDS).contains(&seconds) {
-        return Err(Error::invalid(field, format!("{field}.seconds is out of range")));
-    }
-    if seconds < 0 || nanos < 0 {
-        return Err(Error::invalid(field, format!("{field} is negative")));
-    }
-    // Both are non-negative and in range here.
-    Ok(Duration::new(seconds.unsigned_abs(), nanos.unsigned_abs()))
-}
-
-/// An optional Duration field: unset means `default`, set must lie in [min, max].
-fn duration_in(
-    field: &str,
-    value: Option<&prost_types::Duration>,
-    default: Duration,
-    min: Duration,
-    max: Duration,
-) -> Result<Duration> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    let duration = parse_duration(field, value)?;
-    if duration < min || duration > max {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "{field} must lie within [{}, {}]",
-                humantime::format_duration(min),
-                humantime::format_duration(max)
-            ),
-        ));
-    }
-    Ok(duration)
-}
-
 fn lease_ttl(value: Option<&prost_types::Duration>, limits: &Limits) -> Result<Duration> {
     duration_in("lease_ttl", value, limits.default_lease_ttl, MIN_LEASE_TTL, MAX_LEASE_TTL)
-}
-
-fn timestamp(value: Timestamp) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: value.timestamp(),
-        // Always below 2e9 (a leap second adds at most 1e9).
-        nanos: i32::try_from(value.timestamp_subsec_nanos()).unwrap_or(999_999_999),
-    }
-}
-
-fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
-    use pb::begin_response::Outcome;
-    let outcome = match outcome {
-        BeginOutcome::Acquired(lease) => Outcome::Acquired(pb::Acquired {
-            lease_token: lease.lease_token,
-            attempt: lease.attempt,
-            lease_expires_at: Some(timestamp(lease.lease_expires_at)),
-            downstream_key: lease.downstream_key,
-        }),
-        BeginOutcome::Completed(stored) => Outcome::Completed(pb::Completed {
-            response: stored.response,
-            response_code: stored.response_code,
-            content_type: stored.content_type,
-            completed_at: Some(timestamp(stored.completed_at)),
-            expires_at: Some(timestamp(stored.expires_at)),
-            attempt: stored.attempt,
-        }),
-        BeginOutcome::InProgress(busy) => Outcome::InProgress(pb::InProgress {
-            attempt: busy.attempt,
-            lease_expires_at: Some(timestamp(busy.lease_expires_at)),
-            retry_after: Some(pb::duration(busy.retry_after())),
-        }),
-    };
-    pb::BeginResponse { outcome: Some(outcome) }
-}
-
-fn encode_record(record: Record) -> pb::Record {
-    let state = match record.state {
-        domain::State::InProgress => pb::State::InProgress,
-        domain::State::Completed => pb::State::Completed,
-        domain::State::Aborted => pb::State::Aborted,
-    };
-    let aborted_by = match record.aborted_by {
-        Some(domain::AbortedBy::Caller) => pb::AbortedBy::Caller,
-        Some(domain::AbortedBy::Reaper) => pb::AbortedBy::Reaper,
-        None => pb::AbortedBy::Unspecified,
-    };
-    pb::Record {
-        namespace: record.namespace,
-        key: record.key,
-        state: state as i32,
-        attempt: record.attempt,
-        fingerprint: record.fingerprint,
-        downstream_key: record.downstream_key,
-        created_at: Some(timestamp(record.created_at)),
-        updated_at: Some(timestamp(record.updated_at)),
-        lease_expires_at: Some(timestamp(record.lease_expires_at)),
-        completed_at: record.completed_at.map(timestamp),
-        expires_at: Some(timestamp(record.expires_at)),
-        response: record.response.unwrap_or_default(),
-        response_code: record.response_code.unwrap_or_default(),
-        content_type: record.content_type.unwrap_or_default(),
-        abort_reason: record.abort_reason.unwrap_or_default(),
-        aborted_by: aborted_by as i32,
-    }
 }
 
 /// A Begin checked and ready for the store: all a Begin's future holds
@@ -382,34 +271,74 @@ struct PreparedBegin {
     deadline: Option<Instant>,
 }
 
+/// A request past the prologue every call shares: the caller, its
+/// deadline and the record are known, the method's own fields are checked,
+/// and the caller may use the namespace at its rates.
+struct Checked<T> {
+    id: RecordId,
+    principal: Option<Principal>,
+    arrived: Instant,
+    deadline: Option<Deadline>,
+    /// What the method made of its own fields.
+    fields: T,
+}
+
+impl<T> Checked<T> {
+    /// By when the store must have answered.
+    fn answer_by(&self) -> Option<Instant> {
+        self.deadline.map(|deadline| deadline.answer_by)
+    }
+}
+
 impl<S: Store> IdempotencyService<S> {
+    /// The prologue of every call, in the contract's order: credentials (the
+    /// interceptor checked them and named the principal), the record id and
+    /// then the method's own fields (INVALID_ARGUMENT), then the namespace
+    /// grant and rates (PERMISSION_DENIED, RESOURCE_EXHAUSTED). Nothing here
+    /// depends on whether the key exists.
+    fn prologue<M: Addressed, T>(
+        &self,
+        call: &RpcCall,
+        request: Request<M>,
+        fields: impl FnOnce(M) -> Result<T>,
+    ) -> Result<Checked<T>> {
+        let (arrived, deadline) = (arrived_at(&request), Deadline::of(&request));
+        let principal = request.extensions().get::<Principal>().cloned();
+        let mut message = request.into_inner();
+        let (namespace, key) = message.take_id();
+        let id = RecordId::parse(namespace, key)?;
+        call.namespace(id.namespace.as_str());
+        let fields = fields(message)?;
+        self.admit(principal.as_ref(), &id.namespace)?;
+        Ok(Checked { id, principal, arrived, deadline, fields })
+    }
+
     /// Everything Begin checks before it touches the store, done before its
     /// future exists.
     fn prepare_begin(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<PreparedBegin> {
-        let (arrived, deadline) = (arrived_at(&request), Deadline::of(&request));
-        let principal = request.extensions().get::<Principal>().cloned();
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        call.namespace(id.namespace.as_str());
-        check_fingerprint(&message.fingerprint)?;
         let limits = &self.limits;
-        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
-        let retention = duration_in(
-            "retention",
-            message.retention.as_ref(),
-            limits.default_retention,
-            limits.min_retention,
-            limits.max_retention,
-        )?;
-        let wait = duration_in(
-            "wait_timeout",
-            message.wait_timeout.as_ref(),
-            Duration::ZERO,
-            Duration::ZERO,
-            MAX_WAIT_TIMEOUT,
-        )?;
-        check_text("attempt_nonce", &message.attempt_nonce, MAX_NONCE_LEN, true)?;
-        self.admit(principal.as_ref(), &id.namespace)?;
+        let checked = self.prologue(call, request, |message| {
+            check_fingerprint(&message.fingerprint)?;
+            let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
+            let retention = duration_in(
+                "retention",
+                message.retention.as_ref(),
+                limits.default_retention,
+                limits.min_retention,
+                limits.max_retention,
+            )?;
+            let wait = duration_in(
+                "wait_timeout",
+                message.wait_timeout.as_ref(),
+                Duration::ZERO,
+                Duration::ZERO,
+                MAX_WAIT_TIMEOUT,
+            )?;
+            check_text("attempt_nonce", &message.attempt_nonce, MAX_NONCE_LEN, true)?;
+            Ok((message, lease_ttl, retention, wait))
+        })?;
+        let answer_by = checked.answer_by();
+        let Checked { id, principal, arrived, deadline, fields: (message, lease_ttl, retention, wait) } = checked;
         let request = domain::BeginRequest {
             id,
             fingerprint: message.fingerprint,
@@ -417,12 +346,7 @@ impl<S: Store> IdempotencyService<S> {
             retention,
             attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
         };
-        Ok(PreparedBegin {
-            request,
-            principal,
-            wait_until: wait_until(arrived, wait, deadline),
-            deadline: deadline.map(|deadline| deadline.answer_by),
-        })
+        Ok(PreparedBegin { request, principal, wait_until: wait_until(arrived, wait, deadline), deadline: answer_by })
     }
 
     async fn run_begin(&self, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
@@ -441,28 +365,25 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Reply<pb::CompleteResponse>> {
-        let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = answer_by(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        call.namespace(id.namespace.as_str());
-        check_lease_token(&message.lease_token)?;
-        if message.response.len() > self.limits.max_response_bytes {
-            return Err(Error::invalid(
-                "response",
-                format!("response is longer than {} bytes", self.limits.max_response_bytes),
-            ));
-        }
-        check_text("content_type", &message.content_type, MAX_CONTENT_TYPE_LEN, true)?;
-        self.admit(principal.as_ref(), &id.namespace)?;
+        let max_response_bytes = self.limits.max_response_bytes;
+        let checked = self.prologue(call, request, |message| {
+            check_lease_token(&message.lease_token)?;
+            if message.response.len() > max_response_bytes {
+                return Err(Error::invalid("response", format!("response is longer than {max_response_bytes} bytes")));
+            }
+            check_text("content_type", &message.content_type, MAX_CONTENT_TYPE_LEN, true)?;
+            Ok(message)
+        })?;
+        let answer_by = checked.answer_by();
+        let message = checked.fields;
         let request = CompleteRequest {
-            id,
+            id: checked.id,
             lease_token: message.lease_token,
             response: message.response,
             response_code: message.response_code,
             content_type: message.content_type,
         };
-        let completion = self.bounded("complete", deadline, || self.store.complete(&request)).await?;
+        let completion = self.bounded("complete", answer_by, || self.store.complete(&request)).await?;
         Ok(Reply {
             message: pb::CompleteResponse {
                 completed_at: Some(timestamp(completion.completed_at)),
@@ -474,18 +395,17 @@ impl<S: Store> IdempotencyService<S> {
     }
 
     async fn abort_call(&self, call: &RpcCall, request: Request<pb::AbortRequest>) -> Result<Reply<pb::AbortResponse>> {
-        let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = answer_by(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        call.namespace(id.namespace.as_str());
-        check_lease_token(&message.lease_token)?;
-        check_text("reason", &message.reason, MAX_REASON_LEN, false)?;
-        if message.reason.contains('\0') {
-            return Err(Error::invalid("reason", "reason contains a NUL character"));
-        }
-        self.admit(principal.as_ref(), &id.namespace)?;
-        self.bounded("abort", deadline, || self.store.abort(&id, &message.lease_token, &message.reason)).await?;
+        let checked = self.prologue(call, request, |message| {
+            check_lease_token(&message.lease_token)?;
+            check_text("reason", &message.reason, MAX_REASON_LEN, false)?;
+            if message.reason.contains('\0') {
+                return Err(Error::invalid("reason", "reason contains a NUL character"));
+            }
+            Ok(message)
+        })?;
+        let (id, message) = (&checked.id, &checked.fields);
+        self.bounded("abort", checked.answer_by(), || self.store.abort(id, &message.lease_token, &message.reason))
+            .await?;
         Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
     }
 
@@ -494,16 +414,16 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Reply<pb::HeartbeatResponse>> {
-        let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = answer_by(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        call.namespace(id.namespace.as_str());
-        check_lease_token(&message.lease_token)?;
-        let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), &self.limits)?;
-        self.admit(principal.as_ref(), &id.namespace)?;
-        let lease_expires_at =
-            self.bounded("heartbeat", deadline, || self.store.heartbeat(&id, &message.lease_token, lease_ttl)).await?;
+        let limits = &self.limits;
+        let checked = self.prologue(call, request, |message| {
+            check_lease_token(&message.lease_token)?;
+            let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
+            Ok((message.lease_token, lease_ttl))
+        })?;
+        let (id, (lease_token, lease_ttl)) = (&checked.id, &checked.fields);
+        let lease_expires_at = self
+            .bounded("heartbeat", checked.answer_by(), || self.store.heartbeat(id, lease_token, *lease_ttl))
+            .await?;
         Ok(Reply {
             message: pb::HeartbeatResponse { lease_expires_at: Some(timestamp(lease_expires_at)) },
             outcome: "extended",
@@ -516,13 +436,8 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::LookupRequest>,
     ) -> Result<Reply<pb::LookupResponse>> {
-        let principal = request.extensions().get::<Principal>().cloned();
-        let deadline = answer_by(&request);
-        let message = request.into_inner();
-        let id = RecordId::parse(message.namespace, message.key)?;
-        call.namespace(id.namespace.as_str());
-        self.admit(principal.as_ref(), &id.namespace)?;
-        let record = self.bounded("lookup", deadline, || self.store.lookup(&id)).await?;
+        let checked = self.prologue(call, request, |_| Ok(()))?;
+        let record = self.bounded("lookup", checked.answer_by(), || self.store.lookup(&checked.id)).await?;
         let attempt = record.attempt;
         Ok(Reply {
             message: pb::LookupResponse { record: Some(encode_record(record)) },
@@ -572,30 +487,5 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupResponse>, Status> {
         observed!(self, "Lookup", lookup_call, request)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn d(seconds: i64, nanos: i32) -> prost_types::Duration {
-        prost_types::Duration { seconds, nanos }
-    }
-
-    #[test]
-    fn durations_are_checked() {
-        assert_eq!(parse_duration("x", &d(1, 500)).ok(), Some(Duration::new(1, 500)));
-        assert!(parse_duration("x", &d(1, -1)).is_err());
-        assert!(parse_duration("x", &d(-1, 1)).is_err());
-        assert!(parse_duration("x", &d(0, 1_000_000_000)).is_err());
-        assert!(parse_duration("x", &d(-5, 0)).is_err());
-        assert!(parse_duration("x", &d(i64::MAX, 0)).is_err());
-        let limits = Duration::from_secs(1)..=Duration::from_secs(10);
-        assert!(duration_in("x", Some(&d(0, 0)), Duration::from_secs(5), *limits.start(), *limits.end()).is_err());
-        assert_eq!(
-            duration_in("x", None, Duration::from_secs(5), *limits.start(), *limits.end()).ok(),
-            Some(Duration::from_secs(5))
-        );
     }
 }
