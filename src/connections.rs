@@ -216,12 +216,9 @@ impl Slots {
     }
 
     /// Connections holding a slot now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.open().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// A slot for a new connection: a free one, or the slot of the

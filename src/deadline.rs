@@ -1,4 +1,4 @@
-//! The caller's deadline (`grpc-timeout`), measured from when its request
+//! The caller's deadline (`grpc-timeout`), counted from when its request
 //! arrived, and how much of it idemd keeps for answering.
 //!
 //! tonic enforces `grpc-timeout` itself, around every service: when it runs
@@ -8,7 +8,7 @@
 //! the deadline; both must therefore be answered before tonic's timer fires.
 //! [`ArrivalLayer`] notes the instant a request arrives, before tonic starts
 //! that timer, and idemd answers by a tenth of the timeout (at most 250 ms)
-//! before the deadline measured from there: store calls still running then
+//! before the deadline counted from there: store calls still running then
 //! end as DEADLINE_EXCEEDED, and a wait ends one such margin earlier still,
 //! so that its last look at the record has that margin to run.
 

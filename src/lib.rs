@@ -2,49 +2,49 @@
 //!
 //! Map of the crate, from the wire inwards:
 //! - [`server`] binds the gRPC port and wires everything; shuts down gracefully.
-//! - [`service`] implements the five RPCs: one prologue (caller, deadline,
+//! - `service` implements the five RPCs: one prologue (caller, deadline,
 //!   record id, grant, admission), one store method; `wire` converts
 //!   between the proto types and the domain's.
-//! - [`codec`] decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
-//! - [`error`] is the one error type and its one mapping to `tonic::Status`.
+//! - `codec` decodes requests, turning undecodable bytes into INVALID_ARGUMENT.
+//! - `error` is the one error type and its one mapping to `tonic::Status`.
 //! - [`domain`] holds plain validated types and the outcome of each transition.
-//! - [`store`] is the `Store` trait and its Postgres and SQLite implementations,
+//! - `store` is the `Store` trait and its Postgres and SQLite implementations,
 //!   where all correctness lives (one atomic statement per transition).
-//! - [`connections`] accepts, caps and closes the connections of both ports;
+//! - `connections` accepts, caps and closes the connections of both ports;
 //!   [`request_guard`] bounds each request body's size and arrival time;
-//!   [`fd_limit`] checks the file-descriptor limit at start-up.
-//! - [`auth`] maps credentials to namespaces; [`tls`] terminates TLS;
-//!   [`limits`] bounds waiters and request rates.
-//! - [`wakeups`] parks `Begin` waiters and wakes them when a holder finishes.
-//! - [`reaper`] runs the reaper and purger loops; [`health`] drives readiness.
+//!   `fd_limit` checks the file-descriptor limit at start-up.
+//! - [`auth`] maps credentials to namespaces; `tls` terminates TLS;
+//!   `limits` bounds waiters and request rates.
+//! - `wakeups` parks `Begin` waiters and wakes them when a holder finishes.
+//! - `reaper` runs the reaper and purger loops; `health` drives readiness.
 //! - [`bench`](mod@bench) is the `idemd bench` load generator.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
-//!   [`metrics`] the registry behind `/metrics`, [`observe`] the span and
+//!   `metrics` the registry behind `/metrics`, `observe` the span and
 //!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod bench;
-pub mod codec;
+pub(crate) mod codec;
 pub mod config;
-pub mod connections;
-pub mod deadline;
+pub(crate) mod connections;
+pub(crate) mod deadline;
 pub mod domain;
-pub mod error;
-pub mod fd_limit;
-pub mod health;
-pub mod limits;
+pub(crate) mod error;
+pub(crate) mod fd_limit;
+pub(crate) mod health;
+pub(crate) mod limits;
 pub mod lookup;
-pub mod metrics;
-pub mod observe;
-pub mod reaper;
+pub(crate) mod metrics;
+pub(crate) mod observe;
+pub(crate) mod reaper;
 pub mod request_guard;
 pub mod server;
-pub mod service;
-pub mod store;
+pub(crate) mod service;
+pub(crate) mod store;
 pub mod telemetry;
-pub mod tls;
-pub mod wakeups;
+pub(crate) mod tls;
+pub(crate) mod wakeups;
 pub(crate) mod wire;
 
 /// Code generated from `proto/idemd/v1/idempotency.proto`.

@@ -162,8 +162,8 @@ impl<S: Store> IdempotencyService<S> {
     /// At most `store_slots` calls are in the store at once; the others wait
     /// here (within the same bounds) before their store future exists. A
     /// burst of thousands of Begins then costs thousands of small waiting
-    /// handlers, not thousands of store futures (over 9 KiB each on
-    /// Postgres) queued for a connection. The future is boxed for the same
+    /// handlers, not thousands of large store futures queued for a
+    /// connection. The future is boxed for the same
     /// reason: a Begin parked between calls carries a pointer, not room for it.
     async fn bounded<T, F: Future<Output = Result<T>>>(
         &self,

@@ -64,7 +64,8 @@ impl Wakeups {
     }
 
     /// Keys with at least one parked waiter on this replica.
-    pub fn waiting_keys(&self) -> usize {
+    #[cfg(test)]
+    fn waiting_keys(&self) -> usize {
         self.topics().len()
     }
 }
