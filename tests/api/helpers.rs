@@ -42,16 +42,14 @@ pub enum Backend {
     PgBouncer,
 }
 
-/// The PgBouncer (transaction mode, in front of the same cluster) `scripts/test` started.
+/// PgBouncer (transaction mode) in front of the shared cluster.
 pub fn pgbouncer_url() -> String {
-    std::env::var("IDEMD_TEST_PGBOUNCER_URL")
-        .expect("IDEMD_TEST_PGBOUNCER_URL is not set: run the tests with scripts/test")
+    crate::pg_cluster::shared_pgbouncer_url()
 }
 
-/// The cluster `scripts/test` started; tests need it and say so loudly.
+/// The shared cluster: `scripts/test`'s, or one this test process started.
 pub fn admin_url() -> String {
-    std::env::var("IDEMD_TEST_DATABASE_URL")
-        .expect("IDEMD_TEST_DATABASE_URL is not set: run the tests with scripts/test")
+    crate::pg_cluster::shared_url()
 }
 
 /// The same database as `database_url`, reached through the test PgBouncer.

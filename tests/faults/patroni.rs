@@ -103,9 +103,7 @@ postgresql:
 impl Patroni {
     /// Starts etcd and three nodes and waits until the cluster is whole.
     pub async fn start(name: &str) -> Patroni {
-        let bindir =
-            PathBuf::from(std::env::var("IDEMD_TEST_PG_BINDIR").expect("IDEMD_TEST_PG_BINDIR: run scripts/test"));
-        let user = std::env::var("IDEMD_TEST_PG_USER").unwrap_or_default();
+        let (bindir, user) = (crate::pg_cluster::bindir(), crate::pg_cluster::pg_user());
         let tmp = std::env::var("IDEMD_TEST_TMP").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
         for tool in ["patroni", "etcd"] {
             let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().expect("sh");
