@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::store::pg_url::PgUrl;
+use crate::store::postgres::url::PgUrl;
 
 /// Lease lengths callers may ask for (proto/idemd/v1/idempotency.proto).
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(1);

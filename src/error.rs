@@ -152,7 +152,7 @@ impl Error {
     pub fn primary_may_have_moved(&self) -> bool {
         match self {
             Error::StoreLost(_) => true,
-            Error::StoreUnavailable(error) => crate::store::pg_session::primary_may_have_moved(error),
+            Error::StoreUnavailable(error) => crate::store::postgres::session::primary_may_have_moved(error),
             _ => false,
         }
     }

@@ -6,10 +6,6 @@
 //! default; this process's clock). The service above never decides a
 //! transition: it validates, calls one method and encodes the result.
 
-pub mod group_commit;
-pub mod pg_session;
-pub mod pg_target;
-pub mod pg_url;
 pub mod postgres;
 pub mod sqlite;
 

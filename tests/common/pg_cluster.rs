@@ -71,6 +71,10 @@ pub fn shared_pgbouncer_url() -> String {
     if let Ok(url) = std::env::var("IDEMD_TEST_PGBOUNCER_URL") {
         return url;
     }
+    assert!(
+        std::env::var("IDEMD_TEST_DATABASE_URL").is_err(),
+        "IDEMD_TEST_DATABASE_URL is set but IDEMD_TEST_PGBOUNCER_URL is not: set both (scripts/test does), or neither"
+    );
     static BOUNCER: OnceLock<String> = OnceLock::new();
     BOUNCER
         .get_or_init(|| {

@@ -25,7 +25,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::pg_url::{PgUrl, SessionAttrs};
+use super::url::{PgUrl, SessionAttrs};
 use crate::error::{Error, Result};
 
 /// The shortest time one host gets to accept a connection and answer the

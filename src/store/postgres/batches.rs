@@ -19,7 +19,7 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::postgres::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, PgStore, attempt_of, current_record};
+use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey, attempt_of, current_record};
 use crate::domain::{
     BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, Timestamp, Verdict, micros,
     new_downstream_key, new_lease_token,
@@ -76,8 +76,8 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the workers over `store`, a store without batchers.
-    pub fn start(store: PgStore, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
+    /// Starts the workers over the one-key statements.
+    pub fn start(store: SingleKey, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
         let (begin_store, limit) = (store.clone(), store.store_timeout());
         let begin =
             Batcher::start(workers, max_batch, window, limit, move |batch| run_begins(begin_store.clone(), batch));
@@ -131,7 +131,7 @@ fn abandoned<Q, A>((_, reply): &Item<Q, A>) -> bool {
     reply.is_closed()
 }
 
-fn begin_alone(store: &PgStore, (request, reply): Item<BeginRequest, BeginOutcome>) {
+fn begin_alone(store: &SingleKey, (request, reply): Item<BeginRequest, BeginOutcome>) {
     let store = store.clone();
     tokio::spawn(async move {
         if reply.is_closed() {
@@ -142,7 +142,7 @@ fn begin_alone(store: &PgStore, (request, reply): Item<BeginRequest, BeginOutcom
     });
 }
 
-fn complete_alone(store: &PgStore, (request, reply): Item<CompleteRequest, Completion>) {
+fn complete_alone(store: &SingleKey, (request, reply): Item<CompleteRequest, Completion>) {
     let store = store.clone();
     tokio::spawn(async move {
         let completion = tokio::time::timeout(store.store_timeout(), store.complete_single(&request)).await;
@@ -150,7 +150,7 @@ fn complete_alone(store: &PgStore, (request, reply): Item<CompleteRequest, Compl
     });
 }
 
-async fn run_begins(store: PgStore, mut batch: Vec<Item<BeginRequest, BeginOutcome>>) {
+async fn run_begins(store: SingleKey, mut batch: Vec<Item<BeginRequest, BeginOutcome>>) {
     batch.retain(|item| !abandoned(item));
     if batch.is_empty() {
         return;
@@ -198,7 +198,7 @@ async fn run_begins(store: PgStore, mut batch: Vec<Item<BeginRequest, BeginOutco
 }
 
 async fn acquire_batch(
-    store: &PgStore,
+    store: &SingleKey,
     entries: &[Item<BeginRequest, BeginOutcome>],
     tokens: &[(String, String)],
 ) -> Result<HashMap<RecordId, (u32, Timestamp, String)>> {
@@ -237,7 +237,7 @@ async fn acquire_batch(
 
 /// Reads the keys that were not acquired and applies Begin's table; what
 /// changed in between (or failed to read) goes through the one-key path.
-async fn judge_begins(store: &PgStore, pending: Vec<Item<BeginRequest, BeginOutcome>>) {
+async fn judge_begins(store: &SingleKey, pending: Vec<Item<BeginRequest, BeginOutcome>>) {
     if pending.is_empty() {
         return;
     }
@@ -265,7 +265,7 @@ async fn judge_begins(store: &PgStore, pending: Vec<Item<BeginRequest, BeginOutc
     }
 }
 
-async fn run_completes(store: PgStore, batch: Vec<Item<CompleteRequest, Completion>>) {
+async fn run_completes(store: SingleKey, batch: Vec<Item<CompleteRequest, Completion>>) {
     if batch.len() == 1 {
         for (request, reply) in batch {
             let _ = reply.send(store.complete_single(&request).await);

@@ -24,7 +24,7 @@ use sqlx::postgres::{PgArguments, PgConnection, PgPool, PgRow};
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Connection, Postgres};
 
-use super::pg_target::PgTarget;
+use super::target::PgTarget;
 use crate::error::{DatabaseErrorClass, Result, classify};
 
 pub type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
