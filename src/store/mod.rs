@@ -7,6 +7,7 @@
 //! transition: it validates, calls one method and encodes the result.
 
 pub mod postgres;
+pub(crate) mod rows;
 pub mod sqlite;
 
 use std::future::Future;
@@ -153,7 +154,20 @@ pub(crate) struct TokenCheck {
     pub expires_at: Timestamp,
 }
 
+/// A Complete, Abort or Heartbeat whose statement changed nothing: the
+/// record's token check says why (a retry of the holder's own call answers
+/// as the first did; anything else is LEASE_LOST), and no record is NOT_FOUND.
+pub(crate) fn why_unchanged<T>(check: Option<TokenCheck>, explain: impl FnOnce(TokenCheck) -> Result<T>) -> Result<T> {
+    check.map_or(Err(Error::NotFound), explain)
+}
+
 impl TokenCheck {
+    /// A Heartbeat only ever extends a live lease of its own token: one that
+    /// changed nothing lost it.
+    pub fn repeated_heartbeat(self) -> Result<Timestamp> {
+        Err(Error::LeaseLost)
+    }
+
     /// A Complete that changed nothing: OK again for the token that completed
     /// the record, LEASE_LOST for anyone else.
     pub fn repeated_complete(self, token: &str) -> Result<Completion> {

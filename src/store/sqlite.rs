@@ -9,17 +9,17 @@ use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Row};
 
-use super::{Store, TokenCheck, begin_rounds, bind_acquire};
+use super::rows::{self, StoredRow};
+use super::{Store, TokenCheck, begin_rounds, bind_acquire, why_unchanged};
 use crate::config::DatabaseConfig;
 use crate::domain::{
-    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, REAPER_REASON,
-    ReapedLease, Record, RecordId, State, StoredResponse, Timestamp, micros, new_lease_token,
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, REAPER_REASON, ReapedLease, Record, RecordId,
+    Timestamp, micros, new_lease_token,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
@@ -40,10 +40,6 @@ const NOW: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 
 fn with_clock(sql: &str) -> String {
     sql.replace("$now", NOW)
-}
-
-fn ts(us: i64) -> Result<Timestamp> {
-    DateTime::<Utc>::from_timestamp_micros(us).ok_or_else(|| Error::Internal(format!("timestamp {us} out of range")))
 }
 
 impl SqliteStore {
@@ -101,7 +97,7 @@ impl SqliteStore {
             .bind(id.key.as_str())
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(token_check).transpose()
+        row.as_ref().map(rows::token_check).transpose()
     }
 }
 
@@ -208,67 +204,6 @@ static LOOKUP: LazyLock<String> = LazyLock::new(|| with_clock(LOOKUP_SQL));
 static REAP: LazyLock<String> = LazyLock::new(|| with_clock(REAP_SQL));
 static PURGE: LazyLock<String> = LazyLock::new(|| with_clock(PURGE_SQL));
 
-fn attempt_of(row: &SqliteRow) -> Result<u32> {
-    let attempt: i64 = row.try_get("attempt")?;
-    u32::try_from(attempt).map_err(|_| Error::Internal(format!("attempt {attempt} out of range")))
-}
-
-fn state_of(row: &SqliteRow) -> Result<State> {
-    State::from_code(row.try_get("state")?)
-}
-
-fn ts_of(row: &SqliteRow, column: &str) -> Result<Timestamp> {
-    ts(row.try_get(column)?)
-}
-
-fn opt_ts_of(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>> {
-    row.try_get::<Option<i64>, _>(column)?.map(ts).transpose()
-}
-
-fn opt_i32_of(row: &SqliteRow, column: &str) -> Result<Option<i32>> {
-    row.try_get::<Option<i64>, _>(column)?
-        .map(|v| i32::try_from(v).map_err(|_| Error::Internal(format!("{column} {v} out of range"))))
-        .transpose()
-}
-
-fn token_check(row: &SqliteRow) -> Result<TokenCheck> {
-    Ok(TokenCheck {
-        state: state_of(row)?,
-        lease_token: row.try_get("lease_token")?,
-        aborted_by: AbortedBy::from_code(row.try_get("aborted_by")?),
-        completed_at: opt_ts_of(row, "completed_at")?,
-        expires_at: ts_of(row, "expires_at")?,
-    })
-}
-
-fn current_record(row: &SqliteRow) -> Result<CurrentRecord> {
-    let state = state_of(row)?;
-    let attempt = attempt_of(row)?;
-    let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {
-        (State::Completed, Some(response)) => Some(StoredResponse {
-            response,
-            response_code: opt_i32_of(row, "response_code")?.unwrap_or(0),
-            content_type: row.try_get::<Option<String>, _>("content_type")?.unwrap_or_default(),
-            completed_at: opt_ts_of(row, "completed_at")?
-                .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
-            expires_at: ts_of(row, "expires_at")?,
-            attempt,
-        }),
-        _ => None,
-    };
-    Ok(CurrentRecord {
-        state,
-        attempt,
-        fingerprint: row.try_get("fingerprint")?,
-        downstream_key: row.try_get("downstream_key")?,
-        lease_token: row.try_get("lease_token")?,
-        attempt_nonce: row.try_get("attempt_nonce")?,
-        lease_expires_at: ts_of(row, "lease_expires_at")?,
-        stored,
-        now: ts_of(row, "now")?,
-    })
-}
-
 impl Store for SqliteStore {
     async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
         let id = &request.id;
@@ -279,8 +214,8 @@ impl Store for SqliteStore {
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
                     lease_token: token,
-                    attempt: attempt_of(&row)?,
-                    lease_expires_at: ts_of(&row, "lease_expires_at")?,
+                    attempt: rows::attempt_of(&row)?,
+                    lease_expires_at: row.time("lease_expires_at")?,
                     downstream_key: row.try_get("downstream_key")?,
                 }))
             })
@@ -292,7 +227,7 @@ impl Store for SqliteStore {
                 .bind(id.key.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
-            row.map(|row| current_record(&row)).transpose()
+            row.map(|row| rows::current_record(&row)).transpose()
         };
         begin_rounds(request, acquire, read).await
     }
@@ -312,15 +247,9 @@ impl Store for SqliteStore {
                 .await
         };
         if let Some(row) = self.settle(id, statement).await? {
-            return Ok(Completion {
-                completed_at: ts_of(&row, "completed_at")?,
-                expires_at: ts_of(&row, "expires_at")?,
-            });
+            return Ok(Completion { completed_at: row.time("completed_at")?, expires_at: row.time("expires_at")? });
         }
-        match self.token_check(id).await? {
-            Some(check) => check.repeated_complete(&request.lease_token),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.token_check(id).await?, |check| check.repeated_complete(&request.lease_token))
     }
 
     async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
@@ -338,10 +267,7 @@ impl Store for SqliteStore {
         if self.settle(id, statement).await?.is_some() {
             return Ok(());
         }
-        match self.token_check(id).await? {
-            Some(check) => check.repeated_abort(lease_token),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.token_check(id).await?, |check| check.repeated_abort(lease_token))
     }
 
     async fn heartbeat(&self, id: &RecordId, lease_token: &str, lease_ttl: Duration) -> Result<Timestamp> {
@@ -353,12 +279,9 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = row {
-            return ts_of(&row, "lease_expires_at");
+            return row.time("lease_expires_at");
         }
-        match self.token_check(id).await? {
-            Some(_) => Err(Error::LeaseLost),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.token_check(id).await?, TokenCheck::repeated_heartbeat)
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Record> {
@@ -368,38 +291,12 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(Error::NotFound)?;
-        Ok(Record {
-            namespace: row.try_get("namespace")?,
-            key: row.try_get("key")?,
-            state: state_of(&row)?,
-            attempt: attempt_of(&row)?,
-            fingerprint: row.try_get("fingerprint")?,
-            downstream_key: row.try_get("downstream_key")?,
-            created_at: ts_of(&row, "created_at")?,
-            updated_at: ts_of(&row, "updated_at")?,
-            lease_expires_at: ts_of(&row, "lease_expires_at")?,
-            completed_at: opt_ts_of(&row, "completed_at")?,
-            expires_at: ts_of(&row, "expires_at")?,
-            response: row.try_get("response")?,
-            response_code: opt_i32_of(&row, "response_code")?,
-            content_type: row.try_get("content_type")?,
-            abort_reason: row.try_get("abort_reason")?,
-            aborted_by: AbortedBy::from_code(row.try_get("aborted_by")?),
-        })
+        rows::record(&row)
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
         let rows = sqlx::query(REAP.as_str()).bind(limit).bind(REAPER_REASON).fetch_all(&self.pool).await?;
-        let reaped = rows
-            .iter()
-            .map(|row| {
-                Ok(ReapedLease {
-                    namespace: row.try_get("namespace")?,
-                    key: row.try_get("key")?,
-                    attempt: attempt_of(row)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let reaped = rows.iter().map(rows::reaped_lease).collect::<Result<Vec<_>>>()?;
         for lease in &reaped {
             self.wakeups.wake(&RecordId::stored(lease.namespace.clone(), lease.key.clone()));
         }

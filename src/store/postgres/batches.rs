@@ -19,12 +19,13 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey, attempt_of, current_record};
+use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey};
 use crate::domain::{
     BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, Timestamp, Verdict, micros,
     new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
+use crate::store::rows::{attempt_of, current_record};
 
 type Reply<A> = oneshot::Sender<Result<A>>;
 type Item<Q, A> = (Q, Reply<A>);

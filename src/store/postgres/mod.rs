@@ -30,10 +30,11 @@ use self::batches::GroupCommit;
 use self::session::PgSession;
 use self::statements::*;
 use self::target::PgTarget;
-use super::Store;
+use super::{Store, TokenCheck, rows, why_unchanged};
 use crate::config::{DatabaseConfig, DbPooler};
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, micros,
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record, RecordId, Timestamp,
+    micros,
 };
 use crate::error::{Error, Result};
 use crate::wakeups::Wakeups;
@@ -183,10 +184,7 @@ impl Store for PgStore {
             self.woke(id);
             return Ok(());
         }
-        match self.single.token_check(id).await? {
-            Some(check) => check.repeated_abort(lease_token),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.single.token_check(id).await?, |check| check.repeated_abort(lease_token))
     }
 
     async fn watch(&self, id: &RecordId, attempt: u32) -> Result<bool> {
@@ -217,10 +215,7 @@ impl Store for PgStore {
         if let Some(row) = row {
             return Ok(row.try_get("lease_expires_at")?);
         }
-        match self.single.token_check(id).await? {
-            Some(_) => Err(Error::LeaseLost),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.single.token_check(id).await?, TokenCheck::repeated_heartbeat)
     }
 
     async fn lookup(&self, id: &RecordId) -> Result<Record> {
@@ -230,38 +225,12 @@ impl Store for PgStore {
             .fetch_optional(|| sqlx::query(LOOKUP).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?
             .ok_or(Error::NotFound)?;
-        Ok(Record {
-            namespace: row.try_get("namespace")?,
-            key: row.try_get("key")?,
-            state: state_of(&row)?,
-            attempt: attempt_of(&row)?,
-            fingerprint: row.try_get("fingerprint")?,
-            downstream_key: row.try_get("downstream_key")?,
-            created_at: row.try_get("created_at")?,
-            updated_at: row.try_get("updated_at")?,
-            lease_expires_at: row.try_get("lease_expires_at")?,
-            completed_at: row.try_get("completed_at")?,
-            expires_at: row.try_get("expires_at")?,
-            response: row.try_get("response")?,
-            response_code: row.try_get("response_code")?,
-            content_type: row.try_get("content_type")?,
-            abort_reason: row.try_get("abort_reason")?,
-            aborted_by: aborted_by_of(&row)?,
-        })
+        rows::record(&row)
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
-        let rows = self.single.session().fetch_all(|| sqlx::query(REAP).bind(limit)).await?;
-        let reaped = rows
-            .iter()
-            .map(|row| {
-                Ok(ReapedLease {
-                    namespace: row.try_get("namespace")?,
-                    key: row.try_get("key")?,
-                    attempt: attempt_of(row)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let rows = self.single.session().fetch_all(|| sqlx::query(REAP).bind(limit).bind(REAPER_REASON)).await?;
+        let reaped = rows.iter().map(rows::reaped_lease).collect::<Result<Vec<_>>>()?;
         if let Some(wakeups) = &self.local_wakeups {
             for lease in &reaped {
                 wakeups.wake(&RecordId::stored(lease.namespace.clone(), lease.key.clone()));

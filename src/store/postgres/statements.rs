@@ -6,15 +6,11 @@
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::postgres::PgRow;
 
 use super::session::PgSession;
-use crate::domain::{
-    AbortedBy, BeginOutcome, BeginRequest, CompleteRequest, Completion, CurrentRecord, Lease, RecordId, State,
-    StoredResponse, Timestamp, new_lease_token,
-};
-use crate::error::{Error, Result};
-use crate::store::{TokenCheck, begin_rounds, bind_acquire};
+use crate::domain::{BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, new_lease_token};
+use crate::error::Result;
+use crate::store::{TokenCheck, begin_rounds, bind_acquire, rows, why_unchanged};
 
 /// The one-key statements over a session: what `PgStore` runs when a call
 /// is alone, and what group commit's batches fall back to.
@@ -221,7 +217,7 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), reaped AS (
     UPDATE idemd_records r
-    SET state = 3, aborted_by = 2, abort_reason = 'lease expired', updated_at = now()
+    SET state = 3, aborted_by = 2, abort_reason = $2, updated_at = now()
     FROM due
     WHERE r.namespace = due.namespace AND r.key = due.key
       AND r.state = 1 AND r.lease_expires_at <= now()
@@ -246,29 +242,6 @@ DELETE FROM idemd_records r
 USING due
 WHERE r.namespace = due.namespace AND r.key = due.key AND r.expires_at <= now()
 "#;
-
-pub(super) fn attempt_of(row: &PgRow) -> Result<u32> {
-    let attempt: i32 = row.try_get("attempt")?;
-    u32::try_from(attempt).map_err(|_| Error::Internal(format!("negative attempt {attempt}")))
-}
-
-pub(super) fn state_of(row: &PgRow) -> Result<State> {
-    State::from_code(i64::from(row.try_get::<i16, _>("state")?))
-}
-
-pub(super) fn aborted_by_of(row: &PgRow) -> Result<Option<AbortedBy>> {
-    Ok(AbortedBy::from_code(row.try_get::<Option<i16>, _>("aborted_by")?.map(i64::from)))
-}
-
-pub(super) fn token_check_of(row: &PgRow) -> Result<TokenCheck> {
-    Ok(TokenCheck {
-        state: state_of(row)?,
-        lease_token: row.try_get("lease_token")?,
-        aborted_by: aborted_by_of(row)?,
-        completed_at: row.try_get("completed_at")?,
-        expires_at: row.try_get("expires_at")?,
-    })
-}
 
 impl SingleKey {
     pub(super) fn new(session: PgSession, store_timeout: Duration) -> Self {
@@ -306,10 +279,7 @@ impl SingleKey {
                 expires_at: row.try_get("expires_at")?,
             });
         }
-        match self.token_check(id).await? {
-            Some(check) => check.repeated_complete(&request.lease_token),
-            None => Err(Error::NotFound),
-        }
+        why_unchanged(self.token_check(id).await?, |check| check.repeated_complete(&request.lease_token))
     }
 
     /// Begin for one key: the atomic acquisition, then (if it did not
@@ -322,7 +292,7 @@ impl SingleKey {
             row.map(|row| {
                 Ok(BeginOutcome::Acquired(Lease {
                     lease_token: token,
-                    attempt: attempt_of(&row)?,
+                    attempt: rows::attempt_of(&row)?,
                     lease_expires_at: row.try_get("lease_expires_at")?,
                     downstream_key: row.try_get("downstream_key")?,
                 }))
@@ -334,7 +304,7 @@ impl SingleKey {
                 .session
                 .fetch_optional(|| sqlx::query(BEGIN_READ).bind(id.namespace.as_str()).bind(id.key.as_str()))
                 .await?;
-            row.map(|row| current_record(&row)).transpose()
+            row.map(|row| rows::current_record(&row)).transpose()
         };
         begin_rounds(request, acquire, read).await
     }
@@ -344,35 +314,6 @@ impl SingleKey {
             .session
             .fetch_optional(|| sqlx::query(TOKEN_CHECK).bind(id.namespace.as_str()).bind(id.key.as_str()))
             .await?;
-        row.as_ref().map(token_check_of).transpose()
+        row.as_ref().map(rows::token_check).transpose()
     }
-}
-
-pub(super) fn current_record(row: &PgRow) -> Result<CurrentRecord> {
-    let state = state_of(row)?;
-    let attempt = attempt_of(row)?;
-    let stored = match (state, row.try_get::<Option<Vec<u8>>, _>("response")?) {
-        (State::Completed, Some(response)) => Some(StoredResponse {
-            response,
-            response_code: row.try_get::<Option<i32>, _>("response_code")?.unwrap_or(0),
-            content_type: row.try_get::<Option<String>, _>("content_type")?.unwrap_or_default(),
-            completed_at: row
-                .try_get::<Option<Timestamp>, _>("completed_at")?
-                .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
-            expires_at: row.try_get("expires_at")?,
-            attempt,
-        }),
-        _ => None,
-    };
-    Ok(CurrentRecord {
-        state,
-        attempt,
-        fingerprint: row.try_get("fingerprint")?,
-        downstream_key: row.try_get("downstream_key")?,
-        lease_token: row.try_get("lease_token")?,
-        attempt_nonce: row.try_get("attempt_nonce")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        stored,
-        now: row.try_get("now")?,
-    })
 }

@@ -1,0 +1,172 @@
+//! Decoding idemd's rows, once for both databases. They store the same
+//! columns with different types (Postgres `timestamptz`, `smallint` and
+//! `integer`; SQLite microseconds since the epoch and `INTEGER`):
+//! [`StoredRow`] reads a column of either, and the records, token checks and
+//! reaped leases are built from it here.
+
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+
+use crate::domain::{AbortedBy, CurrentRecord, ReapedLease, Record, State, StoredResponse, Timestamp};
+use crate::error::{Error, Result};
+use crate::store::TokenCheck;
+
+/// One column of a row, whatever the database's type for it.
+pub(crate) trait StoredRow {
+    fn text(&self, column: &str) -> Result<String>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>>;
+    fn bytes(&self, column: &str) -> Result<Vec<u8>>;
+    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>>;
+    fn opt_time(&self, column: &str) -> Result<Option<Timestamp>>;
+
+    fn int(&self, column: &str) -> Result<i64> {
+        self.opt_int(column)?.ok_or_else(|| Error::Internal(format!("{column} is NULL")))
+    }
+
+    fn time(&self, column: &str) -> Result<Timestamp> {
+        self.opt_time(column)?.ok_or_else(|| Error::Internal(format!("{column} is NULL")))
+    }
+}
+
+impl StoredRow for PgRow {
+    fn text(&self, column: &str) -> Result<String> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.try_get(column)?)
+    }
+    /// `smallint` (state, aborted_by) or `integer` (attempt, response_code).
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        use sqlx::{Column, TypeInfo};
+        let small = self
+            .try_column(column)
+            .map(|c| c.type_info().name() == "INT2")
+            .map_err(|_| Error::Internal(format!("no column {column}")))?;
+        Ok(if small {
+            self.try_get::<Option<i16>, _>(column)?.map(i64::from)
+        } else {
+            self.try_get::<Option<i32>, _>(column)?.map(i64::from)
+        })
+    }
+    fn opt_time(&self, column: &str) -> Result<Option<Timestamp>> {
+        Ok(self.try_get(column)?)
+    }
+}
+
+impl StoredRow for SqliteRow {
+    fn text(&self, column: &str) -> Result<String> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> Result<Option<i64>> {
+        Ok(self.try_get(column)?)
+    }
+    /// Microseconds since the Unix epoch.
+    fn opt_time(&self, column: &str) -> Result<Option<Timestamp>> {
+        self.try_get::<Option<i64>, _>(column)?
+            .map(|us| {
+                Timestamp::from_timestamp_micros(us)
+                    .ok_or_else(|| Error::Internal(format!("{column} {us} is not a time")))
+            })
+            .transpose()
+    }
+}
+
+pub(crate) fn attempt_of(row: &impl StoredRow) -> Result<u32> {
+    let attempt = row.int("attempt")?;
+    u32::try_from(attempt).map_err(|_| Error::Internal(format!("attempt {attempt} out of range")))
+}
+
+fn state_of(row: &impl StoredRow) -> Result<State> {
+    State::from_code(row.int("state")?)
+}
+
+fn response_code_of(row: &impl StoredRow) -> Result<Option<i32>> {
+    row.opt_int("response_code")?
+        .map(|code| i32::try_from(code).map_err(|_| Error::Internal(format!("response_code {code} out of range"))))
+        .transpose()
+}
+
+/// What a Complete, Abort or Heartbeat that changed nothing reads to say why.
+pub(crate) fn token_check(row: &impl StoredRow) -> Result<TokenCheck> {
+    Ok(TokenCheck {
+        state: state_of(row)?,
+        lease_token: row.text("lease_token")?,
+        aborted_by: AbortedBy::from_code(row.opt_int("aborted_by")?),
+        completed_at: row.opt_time("completed_at")?,
+        expires_at: row.time("expires_at")?,
+    })
+}
+
+/// What Begin reads of a record it did not acquire.
+pub(crate) fn current_record(row: &impl StoredRow) -> Result<CurrentRecord> {
+    let state = state_of(row)?;
+    let attempt = attempt_of(row)?;
+    let stored = match (state, row.opt_bytes("response")?) {
+        (State::Completed, Some(response)) => Some(StoredResponse {
+            response,
+            response_code: response_code_of(row)?.unwrap_or(0),
+            content_type: row.opt_text("content_type")?.unwrap_or_default(),
+            completed_at: row
+                .opt_time("completed_at")?
+                .ok_or_else(|| Error::Internal("completed record without completed_at".into()))?,
+            expires_at: row.time("expires_at")?,
+            attempt,
+        }),
+        _ => None,
+    };
+    Ok(CurrentRecord {
+        state,
+        attempt,
+        fingerprint: row.bytes("fingerprint")?,
+        downstream_key: row.text("downstream_key")?,
+        lease_token: row.text("lease_token")?,
+        attempt_nonce: row.opt_text("attempt_nonce")?,
+        lease_expires_at: row.time("lease_expires_at")?,
+        stored,
+        now: row.time("now")?,
+    })
+}
+
+/// A whole record, for Lookup.
+pub(crate) fn record(row: &impl StoredRow) -> Result<Record> {
+    Ok(Record {
+        namespace: row.text("namespace")?,
+        key: row.text("key")?,
+        state: state_of(row)?,
+        attempt: attempt_of(row)?,
+        fingerprint: row.bytes("fingerprint")?,
+        downstream_key: row.text("downstream_key")?,
+        created_at: row.time("created_at")?,
+        updated_at: row.time("updated_at")?,
+        lease_expires_at: row.time("lease_expires_at")?,
+        completed_at: row.opt_time("completed_at")?,
+        expires_at: row.time("expires_at")?,
+        response: row.opt_bytes("response")?,
+        response_code: response_code_of(row)?,
+        content_type: row.opt_text("content_type")?,
+        abort_reason: row.opt_text("abort_reason")?,
+        aborted_by: AbortedBy::from_code(row.opt_int("aborted_by")?),
+    })
+}
+
+/// A lease the reaper aborted.
+pub(crate) fn reaped_lease(row: &impl StoredRow) -> Result<ReapedLease> {
+    Ok(ReapedLease { namespace: row.text("namespace")?, key: row.text("key")?, attempt: attempt_of(row)? })
+}
