@@ -21,12 +21,7 @@ rounds=${ROUNDS:-3}
 rest=${REST:-20}
 # shellcheck source=scripts/lib/postgres.sh
 . scripts/lib/postgres.sh
-port=$(free_port)
-as_pg "$bindir/initdb" -D "$root/data" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1
-as_pg "$bindir/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 60 \
-  -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
-as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
-url="postgres://postgres@127.0.0.1:$port/idemd"
+start_bench_cluster
 
 run() {
   local binary=$1 grpc_port server

@@ -27,12 +27,7 @@ log "building idemd (release)"
 cargo build --release --locked --quiet --bin idemd
 idemd=target/release/idemd
 
-port=$(free_port)
-as_pg "$bindir/initdb" -D "$root/data" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1
-as_pg "$bindir/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 60 \
-  -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
-as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
-url="postgres://postgres@127.0.0.1:$port/idemd"
+start_bench_cluster
 
 grpc_port=$(free_port)
 # shellcheck disable=SC2086 # IDEMD_FLAGS is a list of flags

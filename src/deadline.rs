@@ -1,16 +1,18 @@
 //! The caller's deadline (`grpc-timeout`), counted from when its request
 //! arrived, and how much of it idemd keeps for answering.
 //!
-//! tonic enforces `grpc-timeout` itself, around every service: when it runs
-//! out, tonic drops the call and answers CANCELLED "Timeout expired", without
-//! our ErrorInfo, and so does a tonic client on its side. The contract (the proto) promises
-//! DEADLINE_EXCEEDED, and a waiting Begin promises `in_progress` just before
-//! the deadline; both must therefore be answered before tonic's timer fires.
-//! [`ArrivalLayer`] notes the instant a request arrives, before tonic starts
-//! that timer, and idemd answers by a tenth of the timeout (at most 250 ms)
-//! before the deadline counted from there: store calls still running then
-//! end as DEADLINE_EXCEEDED, and a wait ends one such margin earlier still,
-//! so that its last look at the record has that margin to run.
+//! A client cuts a call short when its deadline passes (a tonic client with
+//! CANCELLED "Timeout expired", without our ErrorInfo). The contract (the
+//! proto) promises DEADLINE_EXCEEDED, and a waiting Begin promises
+//! `in_progress` just before the deadline; both must therefore be answered
+//! before the caller's own timer fires. [`ArrivalLayer`] notes the instant a
+//! request arrives, and idemd answers by a tenth of the timeout (at most
+//! 250 ms) before the deadline counted from there: store calls still running
+//! then end as DEADLINE_EXCEEDED, and a wait ends one such margin earlier
+//! still, so that its last look at the record has that margin to run. The
+//! server puts no timer of its own around calls (it serves connections
+//! itself, `crate::connections`): each call bounds its store work and its
+//! wait by this deadline.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -140,7 +142,7 @@ mod tests {
         let a_minute = Deadline::after(start, Duration::from_secs(60));
         assert_eq!(a_minute.answer_by, start + ms(59_750));
         assert_eq!(a_minute.stop_waiting_by, start + ms(59_500));
-        // At least a millisecond, so that idemd's answer is ready before tonic's timer fires.
+        // At least a millisecond, so that idemd's answer is ready before the caller's timer fires.
         let tiny = Deadline::after(start, ms(5));
         assert_eq!(tiny, Deadline { answer_by: start + ms(4), stop_waiting_by: start + ms(3) });
         assert_eq!(Deadline::after(start, Duration::ZERO).stop_waiting_by, start);

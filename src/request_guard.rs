@@ -59,12 +59,17 @@ pub struct MessageLimit {
     pub open: bool,
 }
 
+/// The largest CompleteRequest: the largest response and room for the rest.
+pub fn complete_limit(max_response_bytes: usize) -> usize {
+    max_response_bytes + COMPLETE_OVERHEAD_BYTES
+}
+
 /// The bound of each method, from its largest legitimate message.
 pub fn message_limit(path: &str, max_response_bytes: usize) -> MessageLimit {
     let limit = |max_bytes, streaming, open| MessageLimit { max_bytes, streaming, open };
     if let Some(method) = path.strip_prefix("/idemd.v1.Idempotency/") {
         return match method {
-            "Complete" => limit(max_response_bytes + COMPLETE_OVERHEAD_BYTES, false, false),
+            "Complete" => limit(complete_limit(max_response_bytes), false, false),
             _ => limit(SMALL_MESSAGE_BYTES, false, false),
         };
     }

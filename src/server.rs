@@ -183,7 +183,7 @@ async fn serve<S: Store>(
         },
         stop_waiting.clone(),
     ));
-    let max_request_bytes = config.max_response_bytes + request_guard::COMPLETE_OVERHEAD_BYTES;
+    let max_request_bytes = request_guard::complete_limit(config.max_response_bytes);
     let idempotency =
         pb::idempotency_server::IdempotencyServer::from_arc(service).max_decoding_message_size(max_request_bytes);
     let authenticator = match &config.auth_tokens_file {

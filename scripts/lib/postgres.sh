@@ -54,3 +54,14 @@ export IDEMD_TEST_PG_USER="$pg_user"
 export IDEMD_TEST_TMP="$root/clusters"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# A cluster with the default durability (fsync and synchronous_commit on)
+# and a database `idemd` on it, for the benchmarks. Sets port and url.
+start_bench_cluster() {
+  port=$(free_port)
+  as_pg "$bindir/initdb" -D "$root/data" -U postgres --auth=trust -E UTF8 >"$root/initdb.log" 2>&1
+  as_pg "$bindir/pg_ctl" -D "$root/data" -l "$root/postgres.log" -w -t 60 \
+    -o "-p $port -k $root -c listen_addresses=127.0.0.1 -c max_connections=400 -c shared_buffers=256MB" start >/dev/null
+  as_pg "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres idemd
+  url="postgres://postgres@127.0.0.1:$port/idemd"
+}

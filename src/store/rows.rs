@@ -30,19 +30,26 @@ pub(crate) trait StoredRow {
     }
 }
 
+/// Text and bytes decode alike in both databases.
+macro_rules! same_in_both {
+    () => {
+        fn text(&self, column: &str) -> Result<String> {
+            Ok(self.try_get(column)?)
+        }
+        fn opt_text(&self, column: &str) -> Result<Option<String>> {
+            Ok(self.try_get(column)?)
+        }
+        fn bytes(&self, column: &str) -> Result<Vec<u8>> {
+            Ok(self.try_get(column)?)
+        }
+        fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>> {
+            Ok(self.try_get(column)?)
+        }
+    };
+}
+
 impl StoredRow for PgRow {
-    fn text(&self, column: &str) -> Result<String> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>> {
-        Ok(self.try_get(column)?)
-    }
-    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.try_get(column)?)
-    }
+    same_in_both!();
     /// `smallint` (state, aborted_by) or `integer` (attempt, response_code).
     fn opt_int(&self, column: &str) -> Result<Option<i64>> {
         use sqlx::{Column, TypeInfo};
@@ -62,18 +69,7 @@ impl StoredRow for PgRow {
 }
 
 impl StoredRow for SqliteRow {
-    fn text(&self, column: &str) -> Result<String> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> Result<Option<String>> {
-        Ok(self.try_get(column)?)
-    }
-    fn bytes(&self, column: &str) -> Result<Vec<u8>> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.try_get(column)?)
-    }
+    same_in_both!();
     fn opt_int(&self, column: &str) -> Result<Option<i64>> {
         Ok(self.try_get(column)?)
     }
