@@ -8,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // sqlx::migrate! embeds the migrations at compile time.
     println!("cargo:rerun-if-changed=migrations");
 
-    let fds = protox::compile(["idemd/v1/idempotency.proto"], ["proto"])?;
+    let fds = protox::compile(["idemd/v1/idempotency.proto", "idemd/v1/admin.proto"], ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out_dir.join("idemd_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
 

@@ -88,6 +88,7 @@ pub(crate) fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
             attempt: lease.attempt,
             lease_expires_at: Some(timestamp(lease.lease_expires_at)),
             downstream_key: lease.downstream_key,
+            previous: None,
         }),
         BeginOutcome::Completed(stored) => Outcome::Completed(pb::Completed {
             response: stored.response,
@@ -134,6 +135,7 @@ pub(crate) fn encode_record(record: Record) -> pb::Record {
         content_type: record.content_type.unwrap_or_default(),
         abort_reason: record.abort_reason.unwrap_or_default(),
         aborted_by: aborted_by as i32,
+        outcome_unknown: false,
     }
 }
 

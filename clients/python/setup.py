@@ -24,6 +24,7 @@ class BuildWithStubs(build_py):
             f"--python_out={out}",
             f"--grpc_python_out={out}",
             str(PROTO_ROOT / "idemd" / "v1" / "idempotency.proto"),
+            str(PROTO_ROOT / "idemd" / "v1" / "admin.proto"),
         ])
         if status != 0:
             raise SystemExit(f"protoc failed on {PROTO_ROOT}")

@@ -3,7 +3,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../../proto");
-    let fds = protox::compile(["idemd/v1/idempotency.proto"], ["../../proto"])?;
+    let fds = protox::compile(["idemd/v1/idempotency.proto", "idemd/v1/admin.proto"], ["../../proto"])?;
     tonic_prost_build::configure().build_server(false).compile_fds(fds)?;
     Ok(())
 }

@@ -171,7 +171,13 @@ fn hostile_input_never_crashes_or_corrupts() {
                     client.complete(request).await.map(|_| ())
                 }
                 FuzzCall::Abort { namespace, key, token, forged, reason } => {
-                    let request = pb::AbortRequest { namespace, key, lease_token: pick(token, &forged), reason };
+                    let request = pb::AbortRequest {
+                        namespace,
+                        key,
+                        lease_token: pick(token, &forged),
+                        reason,
+                        outcome_unknown: false,
+                    };
                     client.abort(request).await.map(|_| ())
                 }
                 FuzzCall::Heartbeat { namespace, key, token, forged, ttl } => {

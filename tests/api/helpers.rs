@@ -285,6 +285,7 @@ impl TestApp {
                 key: key.into(),
                 lease_token: token.into(),
                 reason: reason.into(),
+                outcome_unknown: false,
             })
             .await
             .map(|_| ())

@@ -234,6 +234,7 @@ async fn another_namespaces_key_is_denied_alike_whether_it_exists_or_not() {
             key: key.into(),
             lease_token: lease.lease_token.clone(),
             reason: String::new(),
+            outcome_unknown: false,
         };
         let a = describe(client.lookup(authed(lookup, &intruder)).await.expect_err("lookup"));
         let b = describe(client.complete(authed(complete, &intruder)).await.expect_err("complete"));

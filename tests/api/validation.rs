@@ -123,6 +123,7 @@ async fn malformed_complete_abort_heartbeat_lookup_fields_are_invalid_argument(b
         key: "k".into(),
         lease_token: token.into(),
         reason,
+        outcome_unknown: false,
     };
     assert_invalid_field(&client.abort(abort("", String::new())).await.expect_err("token"), "lease_token");
     assert_invalid_field(&client.abort(abort(&token, "r".repeat(1025))).await.expect_err("reason"), "reason");

@@ -136,6 +136,7 @@ async fn client(shared: Arc<Shared>, seed: u64) {
                 key: key.clone(),
                 lease_token: token.clone(),
                 reason: "transient".into(),
+                outcome_unknown: false,
             });
             tonic_timeout(&mut request, &shared);
             timed(&shared, &key, replica, Call::Abort { token }, client.abort(request), |_| Answer::Ok).await;

@@ -313,6 +313,7 @@ impl Client {
                     key: key.to_string(),
                     lease_token: lease.lease_token.clone(),
                     reason: "retryable failure".into(),
+                    outcome_unknown: false,
                 };
                 // LEASE_LOST or an unreachable idemd: the lease ends by itself.
                 let _ = self
