@@ -244,6 +244,12 @@ impl<S: Store> IdempotencyService<S> {
     }
 }
 
+/// Who a transition is recorded as done by: the credential's name, or `""`
+/// with auth off.
+pub(crate) fn principal_name(principal: Option<&Principal>) -> String {
+    principal.map(|principal| principal.name().to_string()).unwrap_or_default()
+}
+
 /// `store.<operation>`, without an allocation per call.
 fn store_span_name(operation: &'static str) -> &'static str {
     match operation {
@@ -345,6 +351,7 @@ impl<S: Store> IdempotencyService<S> {
             lease_ttl,
             retention,
             attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
+            principal: principal_name(principal.as_ref()),
         };
         Ok(PreparedBegin { request, principal, wait_until: wait_until(arrived, wait, deadline), deadline: answer_by })
     }
@@ -382,6 +389,7 @@ impl<S: Store> IdempotencyService<S> {
             response: message.response,
             response_code: message.response_code,
             content_type: message.content_type,
+            principal: principal_name(checked.principal.as_ref()),
         };
         let completion = self.bounded("complete", answer_by, || self.store.complete(&request)).await?;
         Ok(Reply {
@@ -403,9 +411,15 @@ impl<S: Store> IdempotencyService<S> {
             }
             Ok(message)
         })?;
-        let (id, message) = (&checked.id, &checked.fields);
-        self.bounded("abort", checked.answer_by(), || self.store.abort(id, &message.lease_token, &message.reason))
-            .await?;
+        let answer_by = checked.answer_by();
+        let request = domain::AbortRequest {
+            principal: principal_name(checked.principal.as_ref()),
+            id: checked.id,
+            lease_token: checked.fields.lease_token,
+            reason: checked.fields.reason,
+            outcome_unknown: checked.fields.outcome_unknown,
+        };
+        self.bounded("abort", answer_by, || self.store.abort(&request)).await?;
         Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
     }
 

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, Verdict,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, Verdict,
 };
 use crate::error::{Error, Result};
 
@@ -41,7 +41,7 @@ pub trait Store: Send + Sync + Clone + 'static {
 
     /// IN_PROGRESS → ABORTED (by the caller) when the token holds the live
     /// lease; a repeat by the same token is OK. Wakes the key's waiters.
-    fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> impl Future<Output = Result<()>> + Send;
+    fn abort(&self, request: &AbortRequest) -> impl Future<Output = Result<()>> + Send;
 
     /// Marks `attempt` of the key as awaited before a Begin parks on it, so
     /// that the transition ending it wakes this replica. False when that
@@ -87,7 +87,9 @@ pub trait Store: Send + Sync + Clone + 'static {
 
 /// Binds a Begin's acquisition parameters in the order both dialects'
 /// `BEGIN_ACQUIRE` statements number them: namespace, key, fingerprint,
-/// lease (µs), retention (µs), downstream key, lease token, nonce.
+/// lease (µs), retention (µs), downstream key, lease token, nonce, the
+/// principal for the history, and the reason an expired lease taken over
+/// is recorded with.
 pub(crate) fn bind_acquire<'q, DB>(
     query: sqlx::query::Query<'q, DB, DB::Arguments>,
     request: &BeginRequest,
@@ -110,6 +112,8 @@ where
         .bind(crate::domain::new_downstream_key())
         .bind(lease_token)
         .bind(request.attempt_nonce.as_deref())
+        .bind(request.principal.as_str())
+        .bind(crate::domain::REAPER_REASON)
 }
 
 /// The loop both stores share: try the atomic acquisition; if it did not

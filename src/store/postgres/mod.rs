@@ -33,7 +33,8 @@ use self::target::PgTarget;
 use super::{Store, TokenCheck, rows, why_unchanged};
 use crate::config::{DatabaseConfig, DbPooler};
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record, RecordId, Timestamp,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record, RecordId,
+    Timestamp,
     micros,
 };
 use crate::error::{Error, Result};
@@ -172,19 +173,26 @@ impl Store for PgStore {
         Ok(completion)
     }
 
-    async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
+    async fn abort(&self, request: &AbortRequest) -> Result<()> {
+        let id = &request.id;
         let row = self
             .single
             .session()
             .fetch_optional(|| {
-                sqlx::query(ABORT).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(lease_token).bind(reason)
+                sqlx::query(ABORT)
+                    .bind(id.namespace.as_str())
+                    .bind(id.key.as_str())
+                    .bind(request.lease_token.as_str())
+                    .bind(request.reason.as_str())
+                    .bind(request.outcome_unknown)
+                    .bind(request.principal.as_str())
             })
             .await?;
         if row.is_some() {
             self.woke(id);
             return Ok(());
         }
-        why_unchanged(self.single.token_check(id).await?, |check| check.repeated_abort(lease_token))
+        why_unchanged(self.single.token_check(id).await?, |check| check.repeated_abort(&request.lease_token))
     }
 
     async fn watch(&self, id: &RecordId, attempt: u32) -> Result<bool> {
@@ -240,7 +248,9 @@ impl Store for PgStore {
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        self.single.session().execute(|| sqlx::query(PURGE).bind(limit)).await
+        let row = self.single.session().fetch_optional(|| sqlx::query(PURGE).bind(limit)).await?;
+        let purged: i64 = row.map(|row| row.try_get("purged")).transpose()?.unwrap_or(0);
+        Ok(u64::try_from(purged).unwrap_or(0))
     }
 
     /// Only with LISTEN: through a transaction pooler without a direct URL,
