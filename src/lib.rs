@@ -37,6 +37,7 @@ pub(crate) mod limits;
 pub mod lookup;
 pub(crate) mod metrics;
 pub(crate) mod observe;
+pub(crate) mod operator;
 pub(crate) mod reaper;
 pub mod request_guard;
 pub mod server;

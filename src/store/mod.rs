@@ -6,6 +6,7 @@
 //! default; this process's clock). The service above never decides a
 //! transition: it validates, calls one method and encodes the result.
 
+pub(crate) mod listing;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
@@ -14,9 +15,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::domain::{
-    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, Verdict,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, Event, ReapedLease, Record, RecordId,
+    Timestamp, Verdict,
 };
 use crate::error::{Error, Result};
+use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 
 /// How many times Begin re-runs its acquisition when the record changes
 /// between the statement and the read of what won (abort, expiry, purge).
@@ -61,6 +64,22 @@ pub trait Store: Send + Sync + Clone + 'static {
 
     /// Reads a live record.
     fn lookup(&self, id: &RecordId) -> impl Future<Output = Result<Record>> + Send;
+
+    /// One page of a namespace's live records (one more than the page size
+    /// when another page follows), responses left out.
+    fn list_records(&self, query: &ListQuery) -> impl Future<Output = Result<Vec<Record>>> + Send;
+
+    /// A key's events, oldest first; NOT_FOUND when it has none kept.
+    fn history(&self, id: &RecordId) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    /// Admin.Resolve in one statement with its event; wakes the key's waiters.
+    fn resolve(&self, request: &ResolveRequest) -> impl Future<Output = Result<Record>> + Send;
+
+    /// Admin.Release in one statement with its event; wakes the key's waiters.
+    fn release(&self, request: &ReleaseRequest) -> impl Future<Output = Result<Record>> + Send;
+
+    /// Admin.Invalidate in one statement with its event.
+    fn invalidate(&self, request: &InvalidateRequest) -> impl Future<Output = Result<()>> + Send;
 
     /// Aborts up to `limit` IN_PROGRESS records whose lease expired, safe
     /// with every replica doing it at once. Wakes their waiters.

@@ -151,6 +151,15 @@ pub(crate) fn event(row: &impl StoredRow) -> Result<Event> {
     })
 }
 
+/// Where a record stands after an Admin action changed nothing.
+pub(crate) fn standing(row: &impl StoredRow) -> Result<crate::operator::Standing> {
+    Ok(crate::operator::Standing {
+        state: state_of(row)?,
+        attempt: attempt_of(row)?,
+        lease_live: row.flag("lease_live")?,
+    })
+}
+
 /// What a Complete, Abort or Heartbeat that changed nothing reads to say why.
 pub(crate) fn token_check(row: &impl StoredRow) -> Result<TokenCheck> {
     Ok(TokenCheck {

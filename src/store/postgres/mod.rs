@@ -11,6 +11,7 @@
 //!   `url` parses such URLs;
 //! - `listen`: the LISTEN relay of wake-ups.
 
+mod admin;
 mod batches;
 mod listen;
 pub(crate) mod session;
@@ -32,12 +33,13 @@ use self::statements::*;
 use self::target::PgTarget;
 use super::{Store, TokenCheck, rows, why_unchanged};
 use crate::config::{DatabaseConfig, DbPooler};
+use crate::domain::Event;
 use crate::domain::{
-    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record, RecordId,
-    Timestamp,
-    micros,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record,
+    RecordId, Timestamp, micros,
 };
 use crate::error::{Error, Result};
+use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 use crate::wakeups::Wakeups;
 
 /// How long a readiness ping waits before it also suspects the primary moved.
@@ -234,6 +236,26 @@ impl Store for PgStore {
             .await?
             .ok_or(Error::NotFound)?;
         rows::record(&row)
+    }
+
+    async fn list_records(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        self.list_page(query).await
+    }
+
+    async fn history(&self, id: &RecordId) -> Result<Vec<Event>> {
+        self.events(id).await
+    }
+
+    async fn resolve(&self, request: &ResolveRequest) -> Result<Record> {
+        self.resolve_record(request).await
+    }
+
+    async fn release(&self, request: &ReleaseRequest) -> Result<Record> {
+        self.release_record(request).await
+    }
+
+    async fn invalidate(&self, request: &InvalidateRequest) -> Result<()> {
+        self.invalidate_record(request).await
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {

@@ -40,6 +40,8 @@ macro_rules! record_columns {
     };
 }
 
+pub(super) use {notify_if_awaited, record_columns};
+
 /// Begin's conflict rule, shared by the one-key and the batched statement.
 macro_rules! begin_on_conflict {
     () => {

@@ -4,24 +4,27 @@
 //! machine's), read inside each statement, in microseconds since the Unix
 //! epoch. Waiters are woken in-process.
 
+mod admin;
+
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::ConnectOptions;
 
 use super::rows::{self, StoredRow};
 use super::{Store, TokenCheck, begin_rounds, bind_acquire, why_unchanged};
 use crate::config::DatabaseConfig;
 use crate::domain::{
-    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, EventKind, REAPER_PRINCIPAL, REAPER_REASON,
-    ReapedLease, Record, RecordId, Timestamp, micros, new_lease_token,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, Event, EventKind, REAPER_PRINCIPAL,
+    REAPER_REASON, ReapedLease, Record, RecordId, Timestamp, micros, new_lease_token,
 };
 use crate::error::{Error, Result};
+use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 use crate::wakeups::Wakeups;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -36,9 +39,9 @@ pub struct SqliteStore {
 /// the statements below. SQLite reads the clock once per statement, so every
 /// use within one statement agrees, and it reads it when the statement runs,
 /// after any wait for a connection or for the write lock.
-const NOW: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+pub(super) const NOW: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 
-fn with_clock(sql: &str) -> String {
+pub(super) fn with_clock(sql: &str) -> String {
     sql.replace("$now", NOW)
 }
 
@@ -226,7 +229,7 @@ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
 /// its events from the row it returned, in one transaction: SQLite has no
 /// writable CTEs, and the history must never hold an event without its
 /// transition or miss one.
-async fn transition<'q>(
+pub(super) async fn transition<'q>(
     pool: &SqlitePool,
     statement: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
     kind: EventKind,
@@ -416,6 +419,26 @@ impl Store for SqliteStore {
             .await?
             .ok_or(Error::NotFound)?;
         rows::record(&row)
+    }
+
+    async fn list_records(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        self.list_page(query).await
+    }
+
+    async fn history(&self, id: &RecordId) -> Result<Vec<Event>> {
+        self.events(id).await
+    }
+
+    async fn resolve(&self, request: &ResolveRequest) -> Result<Record> {
+        self.resolve_record(request).await
+    }
+
+    async fn release(&self, request: &ReleaseRequest) -> Result<Record> {
+        self.release_record(request).await
+    }
+
+    async fn invalidate(&self, request: &InvalidateRequest) -> Result<()> {
+        self.invalidate_record(request).await
     }
 
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
