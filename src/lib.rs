@@ -23,6 +23,7 @@
 //!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
 #![forbid(unsafe_code)]
 
+pub(crate) mod admin;
 pub mod auth;
 pub mod bench;
 pub(crate) mod codec;
@@ -37,7 +38,6 @@ pub(crate) mod limits;
 pub mod lookup;
 pub(crate) mod metrics;
 pub(crate) mod observe;
-pub(crate) mod admin;
 pub(crate) mod operator;
 pub(crate) mod reaper;
 pub mod request_guard;

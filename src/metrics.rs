@@ -104,7 +104,9 @@ impl Metrics {
                 .build(),
             admin_actions: meter
                 .u64_counter("idemd_admin_actions")
-                .with_description("Admin service calls, by action (list, history, resolve, release, invalidate) and outcome")
+                .with_description(
+                    "Admin service calls, by action (list, history, resolve, release, invalidate) and outcome",
+                )
                 .build(),
             registry,
             provider,

@@ -15,8 +15,8 @@ ALTER TABLE idemd_records
     -- they happened
     ADD COLUMN history_seq     integer     NOT NULL DEFAULT 0,
     -- set by Invalidate: the removed record stays as a row that every call
-    -- sees as absent (expires_at = the Invalidate), so that its events are
-    -- kept until the purger removes both at this time
+    -- sees as absent (expires_at = the epoch), so that its events are kept
+    -- until the purger removes both at this time
     ADD COLUMN tombstone_until timestamptz;
 
 -- aborted_by gains 3: an operator (Admin.Release).

@@ -95,7 +95,8 @@ mod tests {
 
     #[test]
     fn only_the_filters_asked_for_appear_and_every_value_is_bound() {
-        let (sql, values) = list_statement(&query(), &PG);
+        let plain = query();
+        let (sql, values) = list_statement(&plain, &PG);
         assert!(sql.contains("namespace = $1") && sql.ends_with("LIMIT $2"), "{sql}");
         assert!(!sql.contains("state =") && !sql.contains("outcome_unknown AND"), "{sql}");
         assert_eq!(values, [ListValue::Text("payments"), ListValue::Int(101)]);

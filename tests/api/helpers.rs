@@ -184,6 +184,17 @@ impl TestApp {
         test_channel(self.addr, self.tls.as_ref())
     }
 
+    /// The Admin service over the app's own connection.
+    pub fn admin(&self) -> idemd::pb::admin_client::AdminClient<Channel> {
+        idemd::pb::admin_client::AdminClient::new(self.shared_channel.clone())
+    }
+
+    /// A key's history, oldest first.
+    pub async fn history(&self, key: &str) -> Result<Vec<pb::Event>, Status> {
+        let request = pb::GetHistoryRequest { namespace: NS.into(), key: key.into() };
+        Ok(self.admin().get_history(request).await?.into_inner().events)
+    }
+
     /// Health checks over the app's own connection (no connection per poll).
     pub fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.shared_channel.clone())
@@ -362,6 +373,45 @@ pub fn assert_invalid_field(status: &Status, field: &str) {
     assert!(status.message().contains(field), "message should name {field}: {status:?}");
 }
 
+/// What a key's history says its record is: (state, attempt,
+/// outcome_unknown), by replaying the events in order; `None` when the last
+/// event removed it. Panics on an event that cannot follow the one before,
+/// so a history that disagrees with its transitions fails the test.
+pub fn replay(events: &[pb::Event]) -> Option<(pb::State, u32, bool)> {
+    use pb::EventKind::*;
+    let mut record: Option<(pb::State, u32, bool)> = None;
+    for event in events {
+        let kind = pb::EventKind::try_from(event.kind).expect("a known event kind");
+        record = match (kind, record) {
+            (Acquired, None) => {
+                assert_eq!(event.attempt, 1, "a new record starts at attempt 1: {events:?}");
+                Some((pb::State::InProgress, 1, false))
+            }
+            (Acquired, Some((_, attempt, _))) if event.attempt == 1 => {
+                assert!(attempt >= 1, "{events:?}");
+                Some((pb::State::InProgress, 1, false))
+            }
+            (Acquired, Some((state, attempt, _))) => {
+                assert_eq!(state, pb::State::Aborted, "acquired over {state:?}: {events:?}");
+                assert_eq!(event.attempt, attempt + 1, "{events:?}");
+                Some((pb::State::InProgress, event.attempt, false))
+            }
+            (Completed | Resolved, Some((state, attempt, _))) => {
+                assert_eq!(event.attempt, attempt, "{events:?}");
+                assert!(kind == Resolved || state == pb::State::InProgress, "{events:?}");
+                Some((pb::State::Completed, attempt, false))
+            }
+            (Aborted | Reaped | Released, Some((pb::State::InProgress, attempt, _))) => {
+                assert_eq!(event.attempt, attempt, "{events:?}");
+                Some((pb::State::Aborted, attempt, event.outcome_unknown))
+            }
+            (Invalidated, Some(_)) => None,
+            (kind, record) => panic!("{kind:?} cannot follow {record:?}: {events:?}"),
+        };
+    }
+    record
+}
+
 /// Runs the scenario against both stores, one test each.
 #[macro_export]
 macro_rules! both_stores {
@@ -434,7 +484,8 @@ impl Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_idemd"));
         command
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(if args.contains(&"--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--database-url", &format!("sqlite://{}", dir.path().join("idemd.db").display())])
             .args(args)
             .env("RUST_LOG", "info")

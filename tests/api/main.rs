@@ -6,6 +6,7 @@ mod helpers;
 mod pg_cluster;
 
 mod abort;
+mod admin;
 mod begin;
 mod bench;
 mod client;
@@ -16,6 +17,7 @@ mod heartbeat_lookup;
 mod observability;
 mod ops;
 mod outage;
+mod outcome_unknown;
 mod reaper;
 mod security;
 mod shutdown;

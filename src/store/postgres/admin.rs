@@ -70,14 +70,16 @@ FROM released
 "#
 );
 
-/// The record becomes a tombstone: absent to every call from now on
-/// (`expires_at = now()`), its response dropped, kept with its history
-/// until the removed record's own `expires_at`.
+/// The record becomes a tombstone: absent to every call from now on, its
+/// response dropped, kept with its history until the removed record's own
+/// `expires_at`. Its `expires_at` becomes the epoch rather than `now()`: a
+/// Begin that waited on this row's lock reads a `now()` from before this
+/// statement, and must still find the record gone, not re-acquire it.
 pub(super) const INVALIDATE: &str = concat!(
     r#"
 WITH removed AS (
     UPDATE idemd_records
-    SET tombstone_until = greatest(expires_at, tombstone_until), expires_at = now(), updated_at = now(),
+    SET tombstone_until = greatest(expires_at, tombstone_until), expires_at = 'epoch', updated_at = now(),
         state = 3, response = NULL, response_code = NULL, content_type = NULL, completed_at = NULL,
         history_seq = history_seq + 1
     WHERE namespace = $1 AND key = $2 AND expires_at > now()

@@ -48,7 +48,7 @@ static RELEASE: LazyLock<String> = LazyLock::new(|| {
 static INVALIDATE: LazyLock<String> = LazyLock::new(|| {
     with_clock(
         "UPDATE idemd_records \
-         SET tombstone_until = max(expires_at, coalesce(tombstone_until, expires_at)), expires_at = $now, \
+         SET tombstone_until = max(expires_at, coalesce(tombstone_until, expires_at)), expires_at = 0, \
              updated_at = $now, state = 3, response = NULL, response_code = NULL, content_type = NULL, \
              completed_at = NULL, history_seq = history_seq + 1 \
          WHERE namespace = ?1 AND key = ?2 AND expires_at > $now AND NOT (state = 1 AND lease_expires_at > $now) \
