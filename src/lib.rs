@@ -20,11 +20,13 @@
 //! - [`bench`](mod@bench) is the `idemd bench` load generator.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   `metrics` the registry behind `/metrics`, `observe` the span and
-//!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
+//!   metrics of each RPC.
+//! - [`cli`] is the operator's command line: `idemd lookup`.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod bench;
+pub mod cli;
 pub(crate) mod codec;
 pub mod config;
 pub(crate) mod connections;
@@ -34,7 +36,6 @@ pub(crate) mod error;
 pub(crate) mod fd_limit;
 pub(crate) mod health;
 pub(crate) mod limits;
-pub mod lookup;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod reaper;
