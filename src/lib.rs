@@ -21,7 +21,7 @@
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   `metrics` the registry behind `/metrics`, `observe` the span and
 //!   metrics of each RPC.
-//! - [`cli`] is the operator's command line: `idemd lookup`.
+//! - [`cli`] is the operator's command line: `idemd lookup` and `idemd admin`.
 #![forbid(unsafe_code)]
 
 pub mod auth;

@@ -30,6 +30,9 @@ enum Command {
     Bench(idemd::bench::BenchConfig),
     /// Print one record of a running server (--json: as JSON).
     Lookup(cli::LookupArgs),
+    /// Inspect and repair records of a running server: list, history,
+    /// resolve, release, invalidate (the Admin service).
+    Admin(cli::AdminArgs),
 }
 
 #[tokio::main]
@@ -64,5 +67,6 @@ async fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Lookup(args) => Ok(cli::lookup(args).await),
+        Command::Admin(args) => Ok(cli::admin(args).await),
     }
 }

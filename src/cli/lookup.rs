@@ -44,7 +44,7 @@ pub async fn run(args: LookupArgs, out: &mut impl Write) -> Result<(), CliError>
 /// One record with its response, as text or pretty JSON.
 pub fn print_record(record: &pb::Record, json: bool, out: &mut impl Write) -> Result<(), CliError> {
     if json {
-        let value = render::record_json(record);
+        let value = render::record_json(record, render::Response::Included);
         serde_json::to_writer_pretty(&mut *out, &value).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else {

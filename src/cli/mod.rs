@@ -1,20 +1,24 @@
-//! The operator's command line against a running server: `idemd lookup`. `main.rs` parses;
+//! The operator's command line against a running server: `idemd lookup` and
+//! `idemd admin list|history|resolve|release|invalidate`. `main.rs` parses;
 //! each command here prints its result on stdout and a failure on stderr,
 //! and says which exit status the process ends with.
 //!
 //! - `connect`: address, token and TLS → one channel.
-//! - `lookup`: the command.
+//! - `lookup`, `admin` (with `list` for paging): the commands.
 //! - `render`: text, tables and JSON of records and events.
 //! - `error`: what a failure prints and its exit status.
 
+mod admin;
 mod connect;
 mod error;
+mod list;
 mod lookup;
 mod render;
 
 use std::io::Write;
 use std::process::ExitCode;
 
+pub use admin::{AdminAction, AdminArgs};
 pub use connect::{ConnectArgs, DEFAULT_ADDR};
 pub use error::CliError;
 pub use lookup::LookupArgs;
@@ -23,6 +27,13 @@ pub use lookup::LookupArgs;
 pub async fn lookup(args: LookupArgs) -> ExitCode {
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let result = lookup::run(args, &mut out).await;
+    finish(result, out)
+}
+
+/// `idemd admin …`.
+pub async fn admin(args: AdminArgs) -> ExitCode {
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let result = admin::run(args, &mut out, &mut std::io::stderr()).await;
     finish(result, out)
 }
 
