@@ -82,9 +82,24 @@ impl fmt::Display for CliError {
                 match status.get_details_error_info() {
                     Some(info) if info.domain == ERROR_DOMAIN => write!(f, "{code} / {}: {message}", info.reason),
                     Some(info) => write!(f, "{code} / {} ({}): {message}", info.reason, info.domain),
-                    // Not idemd's own answer: a proxy, or the transport failing
-                    // under the call; which server matters then.
-                    None => write!(f, "{code}: {message} (server {addr})"),
+                    // Not idemd's own answer (every one of those carries
+                    // ErrorInfo): the transport failed under the call, or a
+                    // proxy answered. Its causes and the server matter then.
+                    None => {
+                        let detail = match std::error::Error::source(status.as_ref()) {
+                            Some(source) => {
+                                let causes = chain(source);
+                                if causes.starts_with(&message) { causes } else { format!("{message}: {causes}") }
+                            }
+                            None => message,
+                        };
+                        write!(f, "{code}: {detail} (server {addr})")?;
+                        // What a plaintext client hears from a TLS port.
+                        if addr.starts_with("http://") && matches!(status.code(), Code::Internal | Code::Unknown) {
+                            write!(f, "; if the server uses TLS, give an https:// --addr")?;
+                        }
+                        Ok(())
+                    }
                 }
             }
             CliError::Output(error) => write!(f, "cannot write the output: {error}"),
@@ -138,6 +153,21 @@ mod tests {
     fn an_error_without_error_info_names_the_server() {
         let error = CliError::rpc("https://idemd:50051", tonic::Status::unavailable("connection reset"));
         assert_eq!(error.to_string(), "UNAVAILABLE: connection reset (server https://idemd:50051)");
+    }
+
+    #[test]
+    fn a_transport_failure_shows_its_causes() {
+        let cause =
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "received fatal alert: CertificateRequired");
+        let mut status = tonic::Status::unknown("transport error");
+        status.set_source(std::sync::Arc::new(cause));
+        let error = CliError::rpc("https://idemd:50051", status);
+        assert_eq!(
+            error.to_string(),
+            "UNKNOWN: transport error: received fatal alert: CertificateRequired (server https://idemd:50051)"
+        );
+        let plaintext = CliError::rpc("http://idemd:50051", tonic::Status::internal("h2 protocol error"));
+        assert!(plaintext.to_string().ends_with("; if the server uses TLS, give an https:// --addr"), "{plaintext}");
     }
 
     #[test]
