@@ -8,6 +8,7 @@ mod pg_cluster;
 mod abort;
 mod begin;
 mod bench;
+mod cli;
 mod client;
 mod complete;
 mod fuzz;
