@@ -7,7 +7,14 @@
 //! sha256:<64 hex digits of SHA-256(token)> payments,refunds
 //! sha256:<…> tenant-a.*            # every namespace starting with "tenant-a."
 //! subject:checkout.payments.svc payments   # an mTLS client certificate's CN or URI SAN
+//! sha256:<…> admin:payments,payments name=oncall   # the Admin service too, and a name
 //! ```
+//!
+//! A namespace entry prefixed `admin:` grants the Admin service (and
+//! Lookup) on it; plain entries grant the Idempotency service. The optional
+//! last field `name=<1–64 of [A-Za-z0-9._-]>` names the credential in
+//! history and logs; without it a token is `sha256:` + 12 hex digits of its
+//! hash and a certificate `subject:<CN or URI SAN>`.
 //!
 //! The file is re-read on SIGHUP and whenever its content changes (compared
 //! by digest, so a copy that keeps the old modification time is noticed).
@@ -77,11 +84,30 @@ impl NamespaceGrant {
     }
 }
 
-/// One credential's grant and the name it is known by in limits and logs.
+/// One credential's grants and the name it is known by in limits, logs and
+/// history.
 #[derive(Debug)]
 struct Credential {
     grant: NamespaceGrant,
+    admin: NamespaceGrant,
     name: Arc<str>,
+}
+
+/// What the lines of one credential grant, merged.
+#[derive(Debug, Default)]
+struct Granted {
+    grant: NamespaceGrant,
+    admin: NamespaceGrant,
+    name: Option<String>,
+}
+
+/// `name=<1–64 of [A-Za-z0-9._-]>`.
+fn parse_name(field: &str) -> std::result::Result<String, String> {
+    let name = field.strip_prefix("name=").ok_or("expected `name=<name>` after the namespaces")?;
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid { Ok(name.to_string()) } else { Err(format!("{name:?} is not a name of 1-64 [A-Za-z0-9._-]")) }
 }
 
 /// The parsed tokens file.
@@ -128,7 +154,7 @@ impl Grants {
     /// Parses what can be parsed: the grants of the good lines, less every
     /// grant of a credential named on a bad line; and each bad line's problem.
     pub fn parse_lenient(text: &str) -> (Grants, Vec<String>) {
-        let mut credentials: HashMap<CredentialId, NamespaceGrant> = HashMap::new();
+        let mut credentials: HashMap<CredentialId, Granted> = HashMap::new();
         let mut poisoned: HashSet<CredentialId> = HashSet::new();
         let mut bad_lines = Vec::new();
         for (index, raw) in text.lines().enumerate() {
@@ -137,18 +163,39 @@ impl Grants {
                 continue;
             }
             let mut parts = line.split_whitespace();
-            let (credential, namespaces, extra) = (parts.next(), parts.next(), parts.next());
+            let (credential, namespaces, name, extra) = (parts.next(), parts.next(), parts.next(), parts.next());
             let credential = credential.map(parse_credential);
             let parsed = match (credential.clone(), namespaces, extra) {
                 (Some(Ok(id)), Some(namespaces), None) => {
-                    let mut grant = NamespaceGrant::default();
-                    namespaces.split(',').try_for_each(|pattern| grant.add(pattern)).map(|()| (id, grant))
+                    let mut granted = Granted::default();
+                    namespaces
+                        .split(',')
+                        .try_for_each(|pattern| match pattern.strip_prefix("admin:") {
+                            Some(pattern) => granted.admin.add(pattern),
+                            None => granted.grant.add(pattern),
+                        })
+                        .and_then(|()| name.map(parse_name).transpose())
+                        .and_then(|name| {
+                            let known = credentials.get(&id).and_then(|known| known.name.as_ref());
+                            match (known, name) {
+                                (Some(known), Some(name)) if *known != name => {
+                                    Err(format!("the credential is already named {known:?}"))
+                                }
+                                (_, name) => Ok(Granted { name, ..granted }),
+                            }
+                        })
+                        .map(|granted| (id, granted))
                 }
                 (Some(Err(problem)), _, _) => Err(problem),
-                _ => Err("expected `sha256:<hex> <namespace>[,<namespace>…]`".into()),
+                _ => Err("expected `sha256:<hex> [admin:]<namespace>[,…] [name=<name>]`".into()),
             };
             match parsed {
-                Ok((id, grant)) => credentials.entry(id).or_default().merge(grant),
+                Ok((id, granted)) => {
+                    let merged = credentials.entry(id).or_default();
+                    merged.grant.merge(granted.grant);
+                    merged.admin.merge(granted.admin);
+                    merged.name = merged.name.take().or(granted.name);
+                }
                 Err(problem) => {
                     bad_lines.push(format!("line {}: {problem}", index + 1));
                     if let Some(Ok(id)) = credential {
@@ -158,18 +205,19 @@ impl Grants {
             }
         }
         let mut grants = Grants::default();
-        for (id, grant) in credentials {
+        for (id, granted) in credentials {
             if poisoned.contains(&id) {
                 continue;
             }
+            let Granted { grant, admin, name } = granted;
             match id {
                 CredentialId::Token(hash) => {
-                    let name = format!("sha256:{}", &hex::encode(hash)[..12]);
-                    grants.by_token_hash.insert(hash, Principal::new(grant, name));
+                    let name = name.unwrap_or_else(|| format!("sha256:{}", &hex::encode(hash)[..12]));
+                    grants.by_token_hash.insert(hash, Principal::new(grant, admin, name));
                 }
                 CredentialId::Subject(subject) => {
-                    let name = format!("subject:{subject}");
-                    grants.by_subject.insert(subject, Principal::new(grant, name));
+                    let name = name.unwrap_or_else(|| format!("subject:{subject}"));
+                    grants.by_subject.insert(subject, Principal::new(grant, admin, name));
                 }
             }
         }
@@ -197,12 +245,23 @@ impl Grants {
 pub struct Principal(Arc<Credential>);
 
 impl Principal {
-    fn new(grant: NamespaceGrant, name: String) -> Self {
-        Principal(Arc::new(Credential { grant, name: name.into() }))
+    fn new(grant: NamespaceGrant, admin: NamespaceGrant, name: String) -> Self {
+        Principal(Arc::new(Credential { grant, admin, name: name.into() }))
     }
 
+    /// The Idempotency service on this namespace.
     pub fn check(&self, namespace: &Namespace) -> Result<()> {
         if self.0.grant.allows(namespace.as_str()) { Ok(()) } else { Err(Error::NamespaceDenied) }
+    }
+
+    /// The Admin service on this namespace.
+    pub fn check_admin(&self, namespace: &Namespace) -> Result<()> {
+        if self.0.admin.allows(namespace.as_str()) { Ok(()) } else { Err(Error::NamespaceDenied) }
+    }
+
+    /// Lookup: granted by either kind of entry.
+    pub fn check_lookup(&self, namespace: &Namespace) -> Result<()> {
+        self.check(namespace).or_else(|_| self.check_admin(namespace))
     }
 
     /// `sha256:<first 12 hex digits of the token's hash>` or
@@ -361,13 +420,15 @@ impl Authenticator {
         // A certificate naming several granted subjects gets their union,
         // counted under their names together.
         let mut union = first.0.grant.clone();
+        let mut admin = first.0.admin.clone();
         let mut name = first.name().to_string();
         for principal in rest {
             union.merge(principal.0.grant.clone());
+            admin.merge(principal.0.admin.clone());
             name.push('+');
             name.push_str(principal.name());
         }
-        Ok(Principal::new(union, name))
+        Ok(Principal::new(union, admin, name))
     }
 }
 
@@ -414,7 +475,7 @@ impl tonic::service::Interceptor for AuthInterceptor {
 pub fn new_token(grants: &[String]) -> std::result::Result<(String, String), String> {
     let mut grant = NamespaceGrant::default();
     for pattern in grants {
-        grant.add(pattern)?;
+        grant.add(pattern.strip_prefix("admin:").unwrap_or(pattern))?;
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);

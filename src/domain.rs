@@ -146,6 +146,7 @@ impl State {
 pub enum AbortedBy {
     Caller = 1,
     Reaper = 2,
+    Operator = 3,
 }
 
 impl AbortedBy {
@@ -153,6 +154,7 @@ impl AbortedBy {
         match code {
             Some(1) => Some(AbortedBy::Caller),
             Some(2) => Some(AbortedBy::Reaper),
+            Some(3) => Some(AbortedBy::Operator),
             _ => None,
         }
     }
@@ -170,6 +172,18 @@ pub struct BeginRequest {
     pub retention: Duration,
     /// `None` when the caller sent no (or an empty) nonce.
     pub attempt_nonce: Option<String>,
+    /// Who asks, for the history (`""` when auth is off).
+    pub principal: String,
+}
+
+/// A validated Abort.
+#[derive(Debug, Clone)]
+pub struct AbortRequest {
+    pub id: RecordId,
+    pub lease_token: String,
+    pub reason: String,
+    pub outcome_unknown: bool,
+    pub principal: String,
 }
 
 /// What Complete stores.
@@ -180,6 +194,7 @@ pub struct CompleteRequest {
     pub response: Vec<u8>,
     pub response_code: i32,
     pub content_type: String,
+    pub principal: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +203,18 @@ pub struct Lease {
     pub attempt: u32,
     pub lease_expires_at: Timestamp,
     pub downstream_key: String,
+    /// How attempt − 1 ended; `None` on attempt 1.
+    pub previous: Option<PreviousAttempt>,
+}
+
+/// How the attempt before an acquisition ended (`Acquired.previous`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviousAttempt {
+    pub attempt: u32,
+    pub aborted_by: Option<AbortedBy>,
+    pub abort_reason: String,
+    pub outcome_unknown: bool,
+    pub ended_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -248,7 +275,50 @@ pub struct Record {
     pub content_type: Option<String>,
     pub abort_reason: Option<String>,
     pub aborted_by: Option<AbortedBy>,
+    pub outcome_unknown: bool,
 }
+
+/// What happened to a record, as its history keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Acquired = 1,
+    Completed = 2,
+    Aborted = 3,
+    Reaped = 4,
+    Released = 5,
+    Resolved = 6,
+    Invalidated = 7,
+}
+
+impl EventKind {
+    pub fn from_code(code: i64) -> Result<Self> {
+        Ok(match code {
+            1 => EventKind::Acquired,
+            2 => EventKind::Completed,
+            3 => EventKind::Aborted,
+            4 => EventKind::Reaped,
+            5 => EventKind::Released,
+            6 => EventKind::Resolved,
+            7 => EventKind::Invalidated,
+            other => return Err(Error::Internal(format!("unknown event kind {other} in store"))),
+        })
+    }
+}
+
+/// One event of a key's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub at: Timestamp,
+    pub kind: EventKind,
+    pub attempt: u32,
+    pub principal: String,
+    pub reason: String,
+    pub response_code: Option<i32>,
+    pub outcome_unknown: bool,
+}
+
+/// The principal of every event the reaper's rule writes (a lease expired).
+pub const REAPER_PRINCIPAL: &str = "reaper";
 
 /// A lease the reaper aborted: its caller most likely died mid-operation.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +339,8 @@ pub struct CurrentRecord {
     pub attempt_nonce: Option<String>,
     pub lease_expires_at: Timestamp,
     pub stored: Option<StoredResponse>,
+    /// How the attempt before the current one ended, for a holder's retry.
+    pub previous: Option<PreviousAttempt>,
     /// The store's clock at the read.
     pub now: Timestamp,
 }
@@ -306,6 +378,7 @@ impl CurrentRecord {
                         attempt: self.attempt,
                         lease_expires_at: self.lease_expires_at,
                         downstream_key: self.downstream_key,
+                        previous: self.previous,
                     }))
                 } else {
                     let lease_remaining = (self.lease_expires_at - self.now).to_std().unwrap_or(Duration::ZERO);

@@ -25,6 +25,26 @@ pub enum Error {
     /// longer) the live holder's.
     #[error("lease_token does not hold a live lease on this key")]
     LeaseLost,
+    /// FAILED_PRECONDITION, reason `ATTEMPT_MISMATCH`: an Admin action named
+    /// an attempt that is not the record's current one.
+    #[error("attempt {given} is not the record's current attempt {current}")]
+    AttemptMismatch { given: u32, current: u32 },
+    /// FAILED_PRECONDITION, reason `LEASE_LIVE`: an Admin action that needs
+    /// the attempt to have ended found its lease live.
+    #[error("the current attempt holds a live lease: Release it first, or wait for it to end")]
+    LeaseLive,
+    /// FAILED_PRECONDITION, reason `ALREADY_COMPLETED`: Resolve of a
+    /// completed record.
+    #[error("the record is already COMPLETED")]
+    AlreadyCompleted,
+    /// FAILED_PRECONDITION, reason `NOT_IN_PROGRESS`: Release of a record
+    /// that is not IN_PROGRESS.
+    #[error("the record is not IN_PROGRESS")]
+    NotInProgress,
+    /// PERMISSION_DENIED, reason `ADMIN_REQUIRES_AUTH`: auth is off and the
+    /// Admin service was called from a peer that is not on loopback.
+    #[error("with auth off the Admin service answers loopback callers only")]
+    AdminRequiresAuth,
     /// NOT_FOUND, reason `NOT_FOUND`: absent or expired.
     #[error("no record for this namespace and key")]
     NotFound,
@@ -107,6 +127,11 @@ impl Error {
             Error::InvalidField { .. } => (InvalidArgument, "INVALID_FIELD", "invalid_field", None),
             Error::FingerprintMismatch => (FailedPrecondition, "FINGERPRINT_MISMATCH", "fingerprint_mismatch", None),
             Error::LeaseLost => (FailedPrecondition, "LEASE_LOST", "lease_lost", None),
+            Error::AttemptMismatch { .. } => (FailedPrecondition, "ATTEMPT_MISMATCH", "attempt_mismatch", None),
+            Error::LeaseLive => (FailedPrecondition, "LEASE_LIVE", "lease_live", None),
+            Error::AlreadyCompleted => (FailedPrecondition, "ALREADY_COMPLETED", "already_completed", None),
+            Error::NotInProgress => (FailedPrecondition, "NOT_IN_PROGRESS", "not_in_progress", None),
+            Error::AdminRequiresAuth => (PermissionDenied, "ADMIN_REQUIRES_AUTH", "admin_requires_auth", None),
             Error::NotFound => (NotFound, "NOT_FOUND", "not_found", None),
             Error::StoreUnavailable(_) => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("unavailable")),
             Error::StoreLost(_) => (Unavailable, "STORE_UNAVAILABLE", "store_unavailable", Some("unavailable")),

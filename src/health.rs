@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::pb::SERVICE_NAME;
+use crate::pb::{ADMIN_SERVICE_NAME, SERVICE_NAME};
 use crate::store::Store;
 
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -29,7 +29,9 @@ pub struct Readiness {
 impl Readiness {
     /// Starts NOT_SERVING until the first probe succeeds.
     pub async fn new(reporter: HealthReporter) -> Self {
-        reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
+            reporter.set_service_status(service, ServingStatus::NotServing).await;
+        }
         Readiness { reporter, state: Arc::new(Mutex::new((None, false))) }
     }
 
@@ -43,14 +45,18 @@ impl Readiness {
             tracing::warn!(?status, "readiness changed");
         }
         *last = Some(status);
-        self.reporter.set_service_status(SERVICE_NAME, status).await;
+        for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
+            self.reporter.set_service_status(service, status).await;
+        }
     }
 
     /// NOT_SERVING for good: shutdown has begun.
     pub async fn shut_down(&self) {
         let mut state = self.state.lock().await;
         state.1 = true;
-        self.reporter.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+        for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
+            self.reporter.set_service_status(service, ServingStatus::NotServing).await;
+        }
     }
 }
 

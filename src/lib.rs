@@ -38,6 +38,8 @@ pub(crate) mod health;
 pub(crate) mod limits;
 pub(crate) mod metrics;
 pub(crate) mod observe;
+pub(crate) mod admin;
+pub(crate) mod operator;
 pub(crate) mod reaper;
 pub mod request_guard;
 pub mod server;
@@ -48,7 +50,7 @@ pub(crate) mod tls;
 pub(crate) mod wakeups;
 pub(crate) mod wire;
 
-/// Code generated from `proto/idemd/v1/idempotency.proto`.
+/// Code generated from `proto/idemd/v1/idempotency.proto` and `admin.proto`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("idemd.v1");
@@ -58,6 +60,9 @@ pub mod pb {
 
     /// The service name clients and readiness probes use.
     pub const SERVICE_NAME: &str = "idemd.v1.Idempotency";
+
+    /// The operator's service, on the same port.
+    pub const ADMIN_SERVICE_NAME: &str = "idemd.v1.Admin";
 
     /// A std duration as a protobuf Duration (saturating; ours are far shorter).
     pub fn duration(value: std::time::Duration) -> prost_types::Duration {

@@ -47,6 +47,7 @@ pub struct Metrics {
     purged: Counter<u64>,
     waiters: UpDownCounter<i64>,
     store_errors: Counter<u64>,
+    admin_actions: Counter<u64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +102,10 @@ impl Metrics {
                 .u64_counter("idemd_store_errors")
                 .with_description("Store calls that failed, by kind: unavailable, timeout, contention, internal")
                 .build(),
+            admin_actions: meter
+                .u64_counter("idemd_admin_actions")
+                .with_description("Admin service calls, by action (list, history, resolve, release, invalidate) and outcome")
+                .build(),
             registry,
             provider,
             meter,
@@ -151,6 +156,10 @@ impl Metrics {
         let labels = [KeyValue::new("rpc", method), KeyValue::new("code", code_name(code))];
         self.requests.add(1, &labels);
         self.duration.record(elapsed.as_secs_f64(), &labels);
+    }
+
+    pub fn admin_action(&self, action: &'static str, outcome: &'static str) {
+        self.admin_actions.add(1, &[KeyValue::new("action", action), KeyValue::new("outcome", outcome)]);
     }
 
     pub fn begin_outcome(&self, outcome: &'static str) {

@@ -11,7 +11,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::pb::SERVICE_NAME;
+use crate::pb::{ADMIN_SERVICE_NAME, SERVICE_NAME};
 use crate::telemetry::{remote_context, traced_span};
 
 /// A successful RPC's message and what to report about it.
@@ -50,7 +50,7 @@ impl RpcCall {
         // into every log line's span context (and kept by every parked
         // waiter's span as text).
         span.set_attribute("rpc.system", "grpc");
-        span.set_attribute("rpc.service", SERVICE_NAME);
+        span.set_attribute("rpc.service", admin_action(method).map_or(SERVICE_NAME, |_| ADMIN_SERVICE_NAME));
         RpcCall { method, span, namespace: OnceLock::new(), started: Instant::now(), metrics: Arc::clone(metrics) }
     }
 
@@ -88,6 +88,9 @@ impl RpcCall {
         {
             self.metrics.begin_outcome(outcome);
         }
+        if let Some(action) = admin_action(self.method) {
+            self.metrics.admin_action(action, outcome);
+        }
         self.metrics.rpc(self.method, code, self.started.elapsed());
         answer
     }
@@ -116,7 +119,24 @@ fn span_name(method: &'static str) -> &'static str {
         "Abort" => "idemd.v1.Idempotency/Abort",
         "Heartbeat" => "idemd.v1.Idempotency/Heartbeat",
         "Lookup" => "idemd.v1.Idempotency/Lookup",
+        "ListRecords" => "idemd.v1.Admin/ListRecords",
+        "GetHistory" => "idemd.v1.Admin/GetHistory",
+        "Resolve" => "idemd.v1.Admin/Resolve",
+        "Release" => "idemd.v1.Admin/Release",
+        "Invalidate" => "idemd.v1.Admin/Invalidate",
         _ => SERVICE_NAME,
+    }
+}
+
+/// The `action` label of an Admin method in `idemd_admin_actions`.
+fn admin_action(method: &'static str) -> Option<&'static str> {
+    match method {
+        "ListRecords" => Some("list"),
+        "GetHistory" => Some("history"),
+        "Resolve" => Some("resolve"),
+        "Release" => Some("release"),
+        "Invalidate" => Some("invalidate"),
+        _ => None,
     }
 }
 

@@ -73,6 +73,13 @@ pub fn message_limit(path: &str, max_response_bytes: usize) -> MessageLimit {
             _ => limit(SMALL_MESSAGE_BYTES, false, false),
         };
     }
+    if let Some(method) = path.strip_prefix("/idemd.v1.Admin/") {
+        return match method {
+            // Resolve carries a response, as Complete does.
+            "Resolve" => limit(complete_limit(max_response_bytes), false, false),
+            _ => limit(SMALL_MESSAGE_BYTES, false, false),
+        };
+    }
     if path.starts_with("/grpc.health.v1.Health/") {
         return limit(HEALTH_MESSAGE_BYTES, false, true);
     }

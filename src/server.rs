@@ -23,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 use tower_layer::Layer;
 
+use crate::admin::{AdminLimits, AdminService};
 use crate::auth::{AuthInterceptor, Authenticator};
 use crate::codec::WireErrorsLayer;
 use crate::config::{Backend, DatabaseConfig, ServeConfig};
@@ -199,7 +200,18 @@ async fn serve<S: Store>(
             None
         }
     };
+    let admin = pb::admin_server::AdminServer::new(AdminService::new(
+        store.clone(),
+        Arc::clone(&metrics),
+        AdminLimits {
+            auth_on: authenticator.is_some() || config.tls_client_ca.is_some(),
+            max_response_bytes: config.max_response_bytes,
+            store_timeout: config.database.store_timeout,
+        },
+    ))
+    .max_decoding_message_size(max_request_bytes);
     // Health and reflection stay open: Kubernetes probes send no credentials.
+    let admin = InterceptedService::new(admin, AuthInterceptor(authenticator.clone()));
     let idempotency = InterceptedService::new(idempotency, AuthInterceptor(authenticator));
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -231,6 +243,7 @@ async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(idempotency)
+        .add_service(admin)
         .prepare();
     let grpc = ArrivalLayer.layer(
         RequestGuardLayer { max_response_bytes: config.max_response_bytes, read_timeout: config.request_read_timeout }

@@ -138,9 +138,9 @@ impl<S: Store> IdempotencyService<S> {
     /// After the fields are valid and before the store: is this caller
     /// granted the namespace, and within its rate? The answer never depends
     /// on whether the key exists.
-    fn admit(&self, principal: Option<&Principal>, namespace: &Namespace) -> Result<()> {
+    fn admit(&self, principal: Option<&Principal>, namespace: &Namespace, grant: Grant) -> Result<()> {
         match principal {
-            Some(principal) => principal.check(namespace)?,
+            Some(principal) => grant(principal, namespace)?,
             // Fail closed: with auth on, a request the interceptor did not mark is refused.
             None if self.limits.auth_required => return Err(Error::Unauthenticated),
             None => {}
@@ -244,6 +244,12 @@ impl<S: Store> IdempotencyService<S> {
     }
 }
 
+/// Who a transition is recorded as done by: the credential's name, or `""`
+/// with auth off.
+pub(crate) fn principal_name(principal: Option<&Principal>) -> String {
+    principal.map(|principal| principal.name().to_string()).unwrap_or_default()
+}
+
 /// `store.<operation>`, without an allocation per call.
 fn store_span_name(operation: &'static str) -> &'static str {
     match operation {
@@ -270,6 +276,10 @@ struct PreparedBegin {
     wait_until: Option<Instant>,
     deadline: Option<Instant>,
 }
+
+/// Which grant a method needs: the Idempotency service's, or for Lookup
+/// either that or an admin grant.
+type Grant = fn(&Principal, &Namespace) -> Result<()>;
 
 /// A request past the prologue every call shares: the caller, its
 /// deadline and the record are known, the method's own fields are checked,
@@ -300,6 +310,7 @@ impl<S: Store> IdempotencyService<S> {
         &self,
         call: &RpcCall,
         request: Request<M>,
+        grant: Grant,
         fields: impl FnOnce(M) -> Result<T>,
     ) -> Result<Checked<T>> {
         let (arrived, deadline) = (arrived_at(&request), Deadline::of(&request));
@@ -309,7 +320,7 @@ impl<S: Store> IdempotencyService<S> {
         let id = RecordId::parse(namespace, key)?;
         call.namespace(id.namespace.as_str());
         let fields = fields(message)?;
-        self.admit(principal.as_ref(), &id.namespace)?;
+        self.admit(principal.as_ref(), &id.namespace, grant)?;
         Ok(Checked { id, principal, arrived, deadline, fields })
     }
 
@@ -317,7 +328,7 @@ impl<S: Store> IdempotencyService<S> {
     /// future exists.
     fn prepare_begin(&self, call: &RpcCall, request: Request<pb::BeginRequest>) -> Result<PreparedBegin> {
         let limits = &self.limits;
-        let checked = self.prologue(call, request, |message| {
+        let checked = self.prologue(call, request, Principal::check, |message| {
             check_fingerprint(&message.fingerprint)?;
             let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
             let retention = duration_in(
@@ -345,6 +356,7 @@ impl<S: Store> IdempotencyService<S> {
             lease_ttl,
             retention,
             attempt_nonce: (!message.attempt_nonce.is_empty()).then_some(message.attempt_nonce),
+            principal: principal_name(principal.as_ref()),
         };
         Ok(PreparedBegin { request, principal, wait_until: wait_until(arrived, wait, deadline), deadline: answer_by })
     }
@@ -366,7 +378,7 @@ impl<S: Store> IdempotencyService<S> {
         request: Request<pb::CompleteRequest>,
     ) -> Result<Reply<pb::CompleteResponse>> {
         let max_response_bytes = self.limits.max_response_bytes;
-        let checked = self.prologue(call, request, |message| {
+        let checked = self.prologue(call, request, Principal::check, |message| {
             check_lease_token(&message.lease_token)?;
             if message.response.len() > max_response_bytes {
                 return Err(Error::invalid("response", format!("response is longer than {max_response_bytes} bytes")));
@@ -382,6 +394,7 @@ impl<S: Store> IdempotencyService<S> {
             response: message.response,
             response_code: message.response_code,
             content_type: message.content_type,
+            principal: principal_name(checked.principal.as_ref()),
         };
         let completion = self.bounded("complete", answer_by, || self.store.complete(&request)).await?;
         Ok(Reply {
@@ -395,7 +408,7 @@ impl<S: Store> IdempotencyService<S> {
     }
 
     async fn abort_call(&self, call: &RpcCall, request: Request<pb::AbortRequest>) -> Result<Reply<pb::AbortResponse>> {
-        let checked = self.prologue(call, request, |message| {
+        let checked = self.prologue(call, request, Principal::check, |message| {
             check_lease_token(&message.lease_token)?;
             check_text("reason", &message.reason, MAX_REASON_LEN, false)?;
             if message.reason.contains('\0') {
@@ -403,9 +416,15 @@ impl<S: Store> IdempotencyService<S> {
             }
             Ok(message)
         })?;
-        let (id, message) = (&checked.id, &checked.fields);
-        self.bounded("abort", checked.answer_by(), || self.store.abort(id, &message.lease_token, &message.reason))
-            .await?;
+        let answer_by = checked.answer_by();
+        let request = domain::AbortRequest {
+            principal: principal_name(checked.principal.as_ref()),
+            id: checked.id,
+            lease_token: checked.fields.lease_token,
+            reason: checked.fields.reason,
+            outcome_unknown: checked.fields.outcome_unknown,
+        };
+        self.bounded("abort", answer_by, || self.store.abort(&request)).await?;
         Ok(Reply { message: pb::AbortResponse {}, outcome: "aborted", attempt: None })
     }
 
@@ -415,7 +434,7 @@ impl<S: Store> IdempotencyService<S> {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Reply<pb::HeartbeatResponse>> {
         let limits = &self.limits;
-        let checked = self.prologue(call, request, |message| {
+        let checked = self.prologue(call, request, Principal::check, |message| {
             check_lease_token(&message.lease_token)?;
             let lease_ttl = lease_ttl(message.lease_ttl.as_ref(), limits)?;
             Ok((message.lease_token, lease_ttl))
@@ -436,7 +455,7 @@ impl<S: Store> IdempotencyService<S> {
         call: &RpcCall,
         request: Request<pb::LookupRequest>,
     ) -> Result<Reply<pb::LookupResponse>> {
-        let checked = self.prologue(call, request, |_| Ok(()))?;
+        let checked = self.prologue(call, request, Principal::check_lookup, |_| Ok(()))?;
         let record = self.bounded("lookup", checked.answer_by(), || self.store.lookup(&checked.id)).await?;
         let attempt = record.attempt;
         Ok(Reply {

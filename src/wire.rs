@@ -88,7 +88,7 @@ pub(crate) fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
             attempt: lease.attempt,
             lease_expires_at: Some(timestamp(lease.lease_expires_at)),
             downstream_key: lease.downstream_key,
-            previous: None,
+            previous: lease.previous.map(encode_previous),
         }),
         BeginOutcome::Completed(stored) => Outcome::Completed(pb::Completed {
             response: stored.response,
@@ -107,17 +107,53 @@ pub(crate) fn encode_begin(outcome: BeginOutcome) -> pb::BeginResponse {
     pb::BeginResponse { outcome: Some(outcome) }
 }
 
+fn encode_aborted_by(aborted_by: Option<domain::AbortedBy>) -> pb::AbortedBy {
+    match aborted_by {
+        Some(domain::AbortedBy::Caller) => pb::AbortedBy::Caller,
+        Some(domain::AbortedBy::Reaper) => pb::AbortedBy::Reaper,
+        Some(domain::AbortedBy::Operator) => pb::AbortedBy::Operator,
+        None => pb::AbortedBy::Unspecified,
+    }
+}
+
+fn encode_previous(previous: domain::PreviousAttempt) -> pb::PreviousAttempt {
+    pb::PreviousAttempt {
+        attempt: previous.attempt,
+        aborted_by: encode_aborted_by(previous.aborted_by) as i32,
+        abort_reason: previous.abort_reason,
+        outcome_unknown: previous.outcome_unknown,
+        ended_at: previous.ended_at.map(timestamp),
+    }
+}
+
+pub(crate) fn encode_event(event: domain::Event) -> pb::Event {
+    let kind = match event.kind {
+        domain::EventKind::Acquired => pb::EventKind::Acquired,
+        domain::EventKind::Completed => pb::EventKind::Completed,
+        domain::EventKind::Aborted => pb::EventKind::Aborted,
+        domain::EventKind::Reaped => pb::EventKind::Reaped,
+        domain::EventKind::Released => pb::EventKind::Released,
+        domain::EventKind::Resolved => pb::EventKind::Resolved,
+        domain::EventKind::Invalidated => pb::EventKind::Invalidated,
+    };
+    pb::Event {
+        at: Some(timestamp(event.at)),
+        kind: kind as i32,
+        attempt: event.attempt,
+        principal: event.principal,
+        reason: event.reason,
+        response_code: event.response_code.unwrap_or_default(),
+        outcome_unknown: event.outcome_unknown,
+    }
+}
+
 pub(crate) fn encode_record(record: Record) -> pb::Record {
     let state = match record.state {
         domain::State::InProgress => pb::State::InProgress,
         domain::State::Completed => pb::State::Completed,
         domain::State::Aborted => pb::State::Aborted,
     };
-    let aborted_by = match record.aborted_by {
-        Some(domain::AbortedBy::Caller) => pb::AbortedBy::Caller,
-        Some(domain::AbortedBy::Reaper) => pb::AbortedBy::Reaper,
-        None => pb::AbortedBy::Unspecified,
-    };
+    let aborted_by = encode_aborted_by(record.aborted_by);
     pb::Record {
         namespace: record.namespace,
         key: record.key,
@@ -135,7 +171,7 @@ pub(crate) fn encode_record(record: Record) -> pb::Record {
         content_type: record.content_type.unwrap_or_default(),
         abort_reason: record.abort_reason.unwrap_or_default(),
         aborted_by: aborted_by as i32,
-        outcome_unknown: false,
+        outcome_unknown: record.outcome_unknown,
     }
 }
 

@@ -6,6 +6,7 @@
 //! default; this process's clock). The service above never decides a
 //! transition: it validates, calls one method and encodes the result.
 
+pub(crate) mod listing;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
@@ -14,9 +15,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, ReapedLease, Record, RecordId, Timestamp, Verdict,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, Event, ReapedLease, Record, RecordId,
+    Timestamp, Verdict,
 };
 use crate::error::{Error, Result};
+use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 
 /// How many times Begin re-runs its acquisition when the record changes
 /// between the statement and the read of what won (abort, expiry, purge).
@@ -41,7 +44,7 @@ pub trait Store: Send + Sync + Clone + 'static {
 
     /// IN_PROGRESS → ABORTED (by the caller) when the token holds the live
     /// lease; a repeat by the same token is OK. Wakes the key's waiters.
-    fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> impl Future<Output = Result<()>> + Send;
+    fn abort(&self, request: &AbortRequest) -> impl Future<Output = Result<()>> + Send;
 
     /// Marks `attempt` of the key as awaited before a Begin parks on it, so
     /// that the transition ending it wakes this replica. False when that
@@ -61,6 +64,22 @@ pub trait Store: Send + Sync + Clone + 'static {
 
     /// Reads a live record.
     fn lookup(&self, id: &RecordId) -> impl Future<Output = Result<Record>> + Send;
+
+    /// One page of a namespace's live records (one more than the page size
+    /// when another page follows), responses left out.
+    fn list_records(&self, query: &ListQuery) -> impl Future<Output = Result<Vec<Record>>> + Send;
+
+    /// A key's events, oldest first; NOT_FOUND when it has none kept.
+    fn history(&self, id: &RecordId) -> impl Future<Output = Result<Vec<Event>>> + Send;
+
+    /// Admin.Resolve in one statement with its event; wakes the key's waiters.
+    fn resolve(&self, request: &ResolveRequest) -> impl Future<Output = Result<Record>> + Send;
+
+    /// Admin.Release in one statement with its event; wakes the key's waiters.
+    fn release(&self, request: &ReleaseRequest) -> impl Future<Output = Result<Record>> + Send;
+
+    /// Admin.Invalidate in one statement with its event.
+    fn invalidate(&self, request: &InvalidateRequest) -> impl Future<Output = Result<()>> + Send;
 
     /// Aborts up to `limit` IN_PROGRESS records whose lease expired, safe
     /// with every replica doing it at once. Wakes their waiters.
@@ -87,7 +106,9 @@ pub trait Store: Send + Sync + Clone + 'static {
 
 /// Binds a Begin's acquisition parameters in the order both dialects'
 /// `BEGIN_ACQUIRE` statements number them: namespace, key, fingerprint,
-/// lease (µs), retention (µs), downstream key, lease token, nonce.
+/// lease (µs), retention (µs), downstream key, lease token, nonce, the
+/// principal for the history, and the reason an expired lease taken over
+/// is recorded with.
 pub(crate) fn bind_acquire<'q, DB>(
     query: sqlx::query::Query<'q, DB, DB::Arguments>,
     request: &BeginRequest,
@@ -110,6 +131,8 @@ where
         .bind(crate::domain::new_downstream_key())
         .bind(lease_token)
         .bind(request.attempt_nonce.as_deref())
+        .bind(request.principal.as_str())
+        .bind(crate::domain::REAPER_REASON)
 }
 
 /// The loop both stores share: try the atomic acquisition; if it did not

@@ -8,7 +8,10 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use sqlx::sqlite::SqliteRow;
 
-use crate::domain::{AbortedBy, CurrentRecord, ReapedLease, Record, State, StoredResponse, Timestamp};
+use crate::domain::{
+    AbortedBy, CurrentRecord, Event, EventKind, Lease, PreviousAttempt, ReapedLease, Record, State, StoredResponse,
+    Timestamp,
+};
 use crate::error::{Error, Result};
 use crate::store::TokenCheck;
 
@@ -20,6 +23,7 @@ pub(crate) trait StoredRow {
     fn opt_bytes(&self, column: &str) -> Result<Option<Vec<u8>>>;
     fn opt_int(&self, column: &str) -> Result<Option<i64>>;
     fn opt_time(&self, column: &str) -> Result<Option<Timestamp>>;
+    fn flag(&self, column: &str) -> Result<bool>;
 
     fn int(&self, column: &str) -> Result<i64> {
         self.opt_int(column)?.ok_or_else(|| Error::Internal(format!("{column} is NULL")))
@@ -66,6 +70,9 @@ impl StoredRow for PgRow {
     fn opt_time(&self, column: &str) -> Result<Option<Timestamp>> {
         Ok(self.try_get(column)?)
     }
+    fn flag(&self, column: &str) -> Result<bool> {
+        Ok(self.try_get(column)?)
+    }
 }
 
 impl StoredRow for SqliteRow {
@@ -82,6 +89,10 @@ impl StoredRow for SqliteRow {
             })
             .transpose()
     }
+    /// 0 or 1.
+    fn flag(&self, column: &str) -> Result<bool> {
+        Ok(self.try_get::<i64, _>(column)? != 0)
+    }
 }
 
 pub(crate) fn attempt_of(row: &impl StoredRow) -> Result<u32> {
@@ -97,6 +108,56 @@ fn response_code_of(row: &impl StoredRow) -> Result<Option<i32>> {
     row.opt_int("response_code")?
         .map(|code| i32::try_from(code).map_err(|_| Error::Internal(format!("response_code {code} out of range"))))
         .transpose()
+}
+
+/// How the attempt before the row's current one ended: `None` on attempt 1.
+/// Reads `attempt`, `aborted_by`, `abort_reason`, `outcome_unknown` and
+/// `ended_at`, which an acquisition leaves describing attempt − 1.
+pub(crate) fn previous_attempt(row: &impl StoredRow) -> Result<Option<PreviousAttempt>> {
+    let attempt = attempt_of(row)?;
+    if attempt <= 1 {
+        return Ok(None);
+    }
+    Ok(Some(PreviousAttempt {
+        attempt: attempt - 1,
+        aborted_by: AbortedBy::from_code(row.opt_int("aborted_by")?),
+        abort_reason: row.opt_text("abort_reason")?.unwrap_or_default(),
+        outcome_unknown: row.flag("outcome_unknown")?,
+        ended_at: row.opt_time("ended_at")?,
+    }))
+}
+
+/// The lease an acquisition statement returned, with the token it drew.
+pub(crate) fn acquired_lease(row: &impl StoredRow, lease_token: String) -> Result<Lease> {
+    Ok(Lease {
+        lease_token,
+        attempt: attempt_of(row)?,
+        lease_expires_at: row.time("lease_expires_at")?,
+        downstream_key: row.text("downstream_key")?,
+        previous: previous_attempt(row)?,
+    })
+}
+
+/// One event of a key's history.
+pub(crate) fn event(row: &impl StoredRow) -> Result<Event> {
+    Ok(Event {
+        at: row.time("at")?,
+        kind: EventKind::from_code(row.int("kind")?)?,
+        attempt: attempt_of(row)?,
+        principal: row.text("principal")?,
+        reason: row.text("reason")?,
+        response_code: response_code_of(row)?,
+        outcome_unknown: row.flag("outcome_unknown")?,
+    })
+}
+
+/// Where a record stands after an Admin action changed nothing.
+pub(crate) fn standing(row: &impl StoredRow) -> Result<crate::operator::Standing> {
+    Ok(crate::operator::Standing {
+        state: state_of(row)?,
+        attempt: attempt_of(row)?,
+        lease_live: row.flag("lease_live")?,
+    })
 }
 
 /// What a Complete, Abort or Heartbeat that changed nothing reads to say why.
@@ -136,12 +197,16 @@ pub(crate) fn current_record(row: &impl StoredRow) -> Result<CurrentRecord> {
         attempt_nonce: row.opt_text("attempt_nonce")?,
         lease_expires_at: row.time("lease_expires_at")?,
         stored,
+        previous: previous_attempt(row)?,
         now: row.time("now")?,
     })
 }
 
-/// A whole record, for Lookup.
+/// A whole record, for Lookup and the Admin service. The abort columns
+/// describe the latest attempt that ended without completing, which is the
+/// record's own attempt only while it is ABORTED.
 pub(crate) fn record(row: &impl StoredRow) -> Result<Record> {
+    let aborted = state_of(row)? == State::Aborted;
     Ok(Record {
         namespace: row.text("namespace")?,
         key: row.text("key")?,
@@ -157,8 +222,9 @@ pub(crate) fn record(row: &impl StoredRow) -> Result<Record> {
         response: row.opt_bytes("response")?,
         response_code: response_code_of(row)?,
         content_type: row.opt_text("content_type")?,
-        abort_reason: row.opt_text("abort_reason")?,
-        aborted_by: AbortedBy::from_code(row.opt_int("aborted_by")?),
+        abort_reason: if aborted { row.opt_text("abort_reason")? } else { None },
+        aborted_by: if aborted { AbortedBy::from_code(row.opt_int("aborted_by")?) } else { None },
+        outcome_unknown: aborted && row.flag("outcome_unknown")?,
     })
 }
 

@@ -17,15 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row;
+use sqlx::postgres::PgRow;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey};
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, Timestamp, Verdict, micros,
+    BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, RecordId, Verdict, micros,
     new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
-use crate::store::rows::{attempt_of, current_record};
+use crate::store::rows::{acquired_lease, current_record};
 
 type Reply<A> = oneshot::Sender<Result<A>>;
 type Item<Q, A> = (Q, Reply<A>);
@@ -172,9 +173,9 @@ async fn run_begins(store: SingleKey, mut batch: Vec<Item<BeginRequest, BeginOut
             let mut pending = Vec::new();
             for ((request, reply), (token, _)) in entries.into_iter().zip(tokens) {
                 match acquired.remove(&request.id) {
-                    Some((attempt, lease_expires_at, downstream_key)) => {
-                        let lease = Lease { lease_token: token, attempt, lease_expires_at, downstream_key };
-                        let _ = reply.send(Ok(BeginOutcome::Acquired(lease)));
+                    Some(row) => {
+                        let lease = acquired_lease(&row, token);
+                        let _ = reply.send(lease.map(BeginOutcome::Acquired));
                     }
                     None => pending.push((request, reply)),
                 }
@@ -202,7 +203,7 @@ async fn acquire_batch(
     store: &SingleKey,
     entries: &[Item<BeginRequest, BeginOutcome>],
     tokens: &[(String, String)],
-) -> Result<HashMap<RecordId, (u32, Timestamp, String)>> {
+) -> Result<HashMap<RecordId, PgRow>> {
     let requests = || entries.iter().map(|(r, _)| r);
     let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
     let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
@@ -212,6 +213,7 @@ async fn acquire_batch(
     let nonces: Vec<Option<&str>> = requests().map(|r| r.attempt_nonce.as_deref()).collect();
     let lease_tokens: Vec<&str> = tokens.iter().map(|(t, _)| t.as_str()).collect();
     let downstream: Vec<&str> = tokens.iter().map(|(_, d)| d.as_str()).collect();
+    let principals: Vec<&str> = requests().map(|r| r.principal.as_str()).collect();
     let query = || {
         sqlx::query(BEGIN_ACQUIRE_BATCH)
             .bind(&namespaces)
@@ -222,16 +224,15 @@ async fn acquire_batch(
             .bind(&downstream)
             .bind(&lease_tokens)
             .bind(&nonces)
+            .bind(&principals)
+            .bind(REAPER_REASON)
     };
     let rows = store.session().fetch_all(query).await?;
     let mut acquired = HashMap::with_capacity(rows.len());
     for row in rows {
         let namespace: String = row.try_get("namespace")?;
         let key: String = row.try_get("key")?;
-        acquired.insert(
-            RecordId::stored(namespace, key),
-            (attempt_of(&row)?, row.try_get("lease_expires_at")?, row.try_get("downstream_key")?),
-        );
+        acquired.insert(RecordId::stored(namespace, key), row);
     }
     Ok(acquired)
 }
@@ -282,6 +283,7 @@ async fn run_completes(store: SingleKey, batch: Vec<Item<CompleteRequest, Comple
     let responses: Vec<&[u8]> = requests().map(|r| r.response.as_slice()).collect();
     let codes: Vec<i32> = requests().map(|r| r.response_code).collect();
     let content_types: Vec<&str> = requests().map(|r| r.content_type.as_str()).collect();
+    let principals: Vec<&str> = requests().map(|r| r.principal.as_str()).collect();
     let query = || {
         sqlx::query(COMPLETE_BATCH)
             .bind(&namespaces)
@@ -290,6 +292,7 @@ async fn run_completes(store: SingleKey, batch: Vec<Item<CompleteRequest, Comple
             .bind(&responses)
             .bind(&codes)
             .bind(&content_types)
+            .bind(&principals)
     };
     let result = store.session().fetch_all(query).await;
     match result {

@@ -11,6 +11,7 @@
 //!   `url` parses such URLs;
 //! - `listen`: the LISTEN relay of wake-ups.
 
+mod admin;
 mod batches;
 mod listen;
 pub(crate) mod session;
@@ -32,11 +33,13 @@ use self::statements::*;
 use self::target::PgTarget;
 use super::{Store, TokenCheck, rows, why_unchanged};
 use crate::config::{DatabaseConfig, DbPooler};
+use crate::domain::Event;
 use crate::domain::{
-    BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record, RecordId, Timestamp,
-    micros,
+    AbortRequest, BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, ReapedLease, Record,
+    RecordId, Timestamp, micros,
 };
 use crate::error::{Error, Result};
+use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 use crate::wakeups::Wakeups;
 
 /// How long a readiness ping waits before it also suspects the primary moved.
@@ -172,19 +175,26 @@ impl Store for PgStore {
         Ok(completion)
     }
 
-    async fn abort(&self, id: &RecordId, lease_token: &str, reason: &str) -> Result<()> {
+    async fn abort(&self, request: &AbortRequest) -> Result<()> {
+        let id = &request.id;
         let row = self
             .single
             .session()
             .fetch_optional(|| {
-                sqlx::query(ABORT).bind(id.namespace.as_str()).bind(id.key.as_str()).bind(lease_token).bind(reason)
+                sqlx::query(ABORT)
+                    .bind(id.namespace.as_str())
+                    .bind(id.key.as_str())
+                    .bind(request.lease_token.as_str())
+                    .bind(request.reason.as_str())
+                    .bind(request.outcome_unknown)
+                    .bind(request.principal.as_str())
             })
             .await?;
         if row.is_some() {
             self.woke(id);
             return Ok(());
         }
-        why_unchanged(self.single.token_check(id).await?, |check| check.repeated_abort(lease_token))
+        why_unchanged(self.single.token_check(id).await?, |check| check.repeated_abort(&request.lease_token))
     }
 
     async fn watch(&self, id: &RecordId, attempt: u32) -> Result<bool> {
@@ -228,6 +238,26 @@ impl Store for PgStore {
         rows::record(&row)
     }
 
+    async fn list_records(&self, query: &ListQuery) -> Result<Vec<Record>> {
+        self.list_page(query).await
+    }
+
+    async fn history(&self, id: &RecordId) -> Result<Vec<Event>> {
+        self.events(id).await
+    }
+
+    async fn resolve(&self, request: &ResolveRequest) -> Result<Record> {
+        self.resolve_record(request).await
+    }
+
+    async fn release(&self, request: &ReleaseRequest) -> Result<Record> {
+        self.release_record(request).await
+    }
+
+    async fn invalidate(&self, request: &InvalidateRequest) -> Result<()> {
+        self.invalidate_record(request).await
+    }
+
     async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<ReapedLease>> {
         let rows = self.single.session().fetch_all(|| sqlx::query(REAP).bind(limit).bind(REAPER_REASON)).await?;
         let reaped = rows.iter().map(rows::reaped_lease).collect::<Result<Vec<_>>>()?;
@@ -240,7 +270,9 @@ impl Store for PgStore {
     }
 
     async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        self.single.session().execute(|| sqlx::query(PURGE).bind(limit)).await
+        let row = self.single.session().fetch_optional(|| sqlx::query(PURGE).bind(limit)).await?;
+        let purged: i64 = row.map(|row| row.try_get("purged")).transpose()?.unwrap_or(0);
+        Ok(u64::try_from(purged).unwrap_or(0))
     }
 
     /// Only with LISTEN: through a transaction pooler without a direct URL,

@@ -114,22 +114,6 @@ impl PgSession {
         .await
     }
 
-    /// Rows affected.
-    pub async fn execute<'q>(&self, query: impl Fn() -> PgQuery<'q>) -> Result<u64> {
-        self.retrying(|| {
-            self.run(async |connection, pooled| match pooled {
-                None => query().execute(connection).await.map(|done| done.rows_affected()),
-                Some(begin) => {
-                    let mut transaction = connection.begin_with(AssertSqlSafe(begin)).await?;
-                    let done = query().persistent(false).execute(&mut *transaction).await?;
-                    transaction.commit().await?;
-                    Ok(done.rows_affected())
-                }
-            })
-        })
-        .await
-    }
-
     /// Runs a statement, again after a serialization failure or a deadlock
     /// (Postgres rolled it back, so it took no effect), at most
     /// [`CONTENTION_ATTEMPTS`] times in all; what still fails then is

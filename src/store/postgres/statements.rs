@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::Row;
 
 use super::session::PgSession;
-use crate::domain::{BeginOutcome, BeginRequest, CompleteRequest, Completion, Lease, RecordId, new_lease_token};
+use crate::domain::{BeginOutcome, BeginRequest, CompleteRequest, Completion, RecordId, new_lease_token};
 use crate::error::Result;
 use crate::store::{TokenCheck, begin_rounds, bind_acquire, rows, why_unchanged};
 
@@ -30,6 +30,18 @@ macro_rules! notify_if_awaited {
     };
 }
 
+/// What Lookup and the Admin service read of a record (the response
+/// included: lists select their own columns).
+macro_rules! record_columns {
+    () => {
+        "namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at, \
+         lease_expires_at, completed_at, expires_at, response, response_code, content_type, \
+         abort_reason, aborted_by, outcome_unknown"
+    };
+}
+
+pub(super) use {notify_if_awaited, record_columns};
+
 /// Begin's conflict rule, shared by the one-key and the batched statement.
 macro_rules! begin_on_conflict {
     () => {
@@ -48,52 +60,100 @@ ON CONFLICT (namespace, key) DO UPDATE SET
     updated_at       = now(),
     lease_expires_at = EXCLUDED.lease_expires_at,
     completed_at = NULL, response = NULL, response_code = NULL, content_type = NULL,
-    abort_reason = NULL, aborted_by = NULL,
-    waiters          = false
+    waiters          = false,
+    -- How the previous attempt ended (Acquired.previous): as it was aborted,
+    -- or, for an expired lease taken over here, as the reaper would write it.
+    taken_over       = r.expires_at > now() AND r.state = 1,
+    aborted_by       = CASE WHEN r.expires_at <= now() THEN NULL WHEN r.state = 1 THEN 2 ELSE r.aborted_by END,
+    abort_reason     = CASE WHEN r.expires_at <= now() THEN NULL WHEN r.state = 1 THEN $10 ELSE r.abort_reason END,
+    outcome_unknown  = CASE WHEN r.expires_at <= now() THEN false WHEN r.state = 1 THEN true ELSE r.outcome_unknown END,
+    ended_at         = CASE WHEN r.expires_at <= now() THEN NULL WHEN r.state = 1 THEN r.lease_expires_at ELSE r.ended_at END,
+    history_seq      = r.history_seq + CASE WHEN r.expires_at > now() AND r.state = 1 THEN 2 ELSE 1 END
 WHERE r.expires_at <= now()
    OR (r.fingerprint = EXCLUDED.fingerprint
        AND (r.state = 3 OR (r.state = 1 AND r.lease_expires_at <= now())))
-RETURNING namespace, key, attempt, lease_expires_at, downstream_key
+RETURNING namespace, key, attempt, lease_expires_at, downstream_key, history_seq, taken_over,
+          aborted_by, abort_reason, outcome_unknown, ended_at
 "#
+    };
+}
+
+/// The events of an acquisition, from its `acquired` rows and a
+/// `principals` relation of (namespace, key, principal): REAPED for an
+/// expired lease it took over, then ACQUIRED.
+macro_rules! acquisition_events {
+    () => {
+        r#"
+, history AS (
+    INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, outcome_unknown)
+    SELECT a.namespace, a.key, a.history_seq - 1, now(), 4, a.attempt - 1, 'reaper', a.abort_reason, true
+    FROM acquired a WHERE a.taken_over
+    UNION ALL
+    SELECT a.namespace, a.key, a.history_seq, now(), 1, a.attempt, p.principal, '', false
+    FROM acquired a JOIN principals p ON p.namespace = a.namespace AND p.key = a.key
+)
+SELECT namespace, key, attempt, lease_expires_at, downstream_key, aborted_by, abort_reason, outcome_unknown, ended_at
+FROM acquired
+"#
+    };
+}
+
+/// The COMPLETED events of the rows a Complete returned as `done`.
+macro_rules! completion_events {
+    () => {
+        r#"
+, history AS (
+    INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, response_code, outcome_unknown)
+    SELECT namespace, key, history_seq, now(), 2, attempt, principal, '', response_code, false FROM done
+)"#
     };
 }
 
 pub(super) const BEGIN_ACQUIRE: &str = concat!(
     r#"
+WITH principals AS (SELECT $1::text AS namespace, $2::text AS key, $9::text AS principal),
+acquired AS (
 INSERT INTO idemd_records AS r
     (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
-     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+     retention_us, created_at, updated_at, lease_expires_at, expires_at, history_seq)
 VALUES ($1, $2, 1, 1, $3, $6, $7, $8, $5, now(), now(),
         now() + $4::bigint * interval '1 microsecond',
-        now() + greatest($4::bigint, $5::bigint) * interval '1 microsecond')
+        now() + greatest($4::bigint, $5::bigint) * interval '1 microsecond', 1)
 "#,
-    begin_on_conflict!()
+    begin_on_conflict!(),
+    ")",
+    acquisition_events!()
 );
 
 /// Group commit: many keys (distinct, sorted so concurrent batches lock rows
 /// in one order) in one statement, one transaction.
 pub(super) const BEGIN_ACQUIRE_BATCH: &str = concat!(
     r#"
+WITH principals AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $9::text[]) AS p(namespace, key, principal)
+), acquired AS (
 INSERT INTO idemd_records AS r
     (namespace, key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
-     retention_us, created_at, updated_at, lease_expires_at, expires_at)
+     retention_us, created_at, updated_at, lease_expires_at, expires_at, history_seq)
 SELECT b.namespace, b.key, 1, 1, b.fingerprint, b.downstream_key, b.lease_token, b.attempt_nonce,
        b.retention_us, now(), now(),
        now() + b.lease_us * interval '1 microsecond',
-       now() + greatest(b.lease_us, b.retention_us) * interval '1 microsecond'
+       now() + greatest(b.lease_us, b.retention_us) * interval '1 microsecond', 1
 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[], $6::text[], $7::text[], $8::text[])
      AS b(namespace, key, fingerprint, lease_us, retention_us, downstream_key, lease_token, attempt_nonce)
 ORDER BY b.namespace, b.key
 "#,
-    begin_on_conflict!()
+    begin_on_conflict!(),
+    ")",
+    acquisition_events!()
 );
 
 /// Group commit of Completes: distinct keys, rows locked in key order.
 pub(super) const COMPLETE_BATCH: &str = concat!(
     r#"
 WITH b AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::text[])
-        AS b(namespace, key, lease_token, response, response_code, content_type)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::text[], $7::text[])
+        AS b(namespace, key, lease_token, response, response_code, content_type, principal)
 ), locked AS MATERIALIZED (
     SELECT r.namespace, r.key FROM idemd_records r
     JOIN b ON r.namespace = b.namespace AND r.key = b.key
@@ -103,13 +163,17 @@ WITH b AS (
     UPDATE idemd_records r
     SET state = 2, response = b.response, response_code = b.response_code, content_type = b.content_type,
         completed_at = now(), updated_at = now(),
-        expires_at = now() + r.retention_us * interval '1 microsecond'
+        expires_at = now() + r.retention_us * interval '1 microsecond',
+        history_seq = r.history_seq + 1
     FROM b, locked l
     WHERE r.namespace = b.namespace AND r.key = b.key AND l.namespace = r.namespace AND l.key = r.key
       AND r.state = 1 AND r.lease_token = b.lease_token
       AND r.lease_expires_at > now() AND r.expires_at > now()
-    RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters
-)
+    RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters, r.history_seq, r.attempt,
+              r.response_code, b.principal
+)"#,
+    completion_events!(),
+    r#"
 SELECT namespace, key, completed_at, expires_at, "#,
     notify_if_awaited!(),
     r#"
@@ -120,7 +184,8 @@ FROM done
 /// What holds the keys of a batch that did not acquire.
 pub(super) const BEGIN_READ_BATCH: &str = r#"
 SELECT r.namespace, r.key, state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce,
-       lease_expires_at, response, response_code, content_type, completed_at, expires_at, now() AS now
+       lease_expires_at, response, response_code, content_type, completed_at, expires_at,
+       aborted_by, abort_reason, outcome_unknown, ended_at, now() AS now
 FROM idemd_records r
 JOIN unnest($1::text[], $2::text[]) AS k(namespace, key) ON r.namespace = k.namespace AND r.key = k.key
 WHERE r.expires_at > now()
@@ -128,7 +193,8 @@ WHERE r.expires_at > now()
 
 pub(super) const BEGIN_READ: &str = r#"
 SELECT state, attempt, fingerprint, downstream_key, lease_token, attempt_nonce, lease_expires_at,
-       response, response_code, content_type, completed_at, expires_at, now() AS now
+       response, response_code, content_type, completed_at, expires_at,
+       aborted_by, abort_reason, outcome_unknown, ended_at, now() AS now
 FROM idemd_records
 WHERE namespace = $1 AND key = $2 AND expires_at > now()
 "#;
@@ -154,11 +220,15 @@ WITH done AS (
     UPDATE idemd_records
     SET state = 2, response = $4, response_code = $5, content_type = $6,
         completed_at = now(), updated_at = now(),
-        expires_at = now() + retention_us * interval '1 microsecond'
+        expires_at = now() + retention_us * interval '1 microsecond',
+        history_seq = history_seq + 1
     WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
       AND lease_expires_at > now() AND expires_at > now()
-    RETURNING namespace, key, completed_at, expires_at, waiters
-)
+    RETURNING namespace, key, completed_at, expires_at, waiters, history_seq, attempt, response_code,
+              $7::text AS principal
+)"#,
+    completion_events!(),
+    r#"
 SELECT completed_at, expires_at, "#,
     notify_if_awaited!(),
     r#"
@@ -170,10 +240,14 @@ pub(super) const ABORT: &str = concat!(
     r#"
 WITH aborted AS (
     UPDATE idemd_records
-    SET state = 3, aborted_by = 1, abort_reason = $4, updated_at = now()
+    SET state = 3, aborted_by = 1, abort_reason = $4, outcome_unknown = $5, ended_at = now(),
+        updated_at = now(), history_seq = history_seq + 1
     WHERE namespace = $1 AND key = $2 AND state = 1 AND lease_token = $3
       AND lease_expires_at > now() AND expires_at > now()
-    RETURNING namespace, key, waiters
+    RETURNING namespace, key, waiters, history_seq, attempt
+), history AS (
+    INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, outcome_unknown)
+    SELECT namespace, key, history_seq, now(), 3, attempt, $6, $4, $5 FROM aborted
 )
 SELECT "#,
     notify_if_awaited!(),
@@ -199,29 +273,35 @@ FROM idemd_records
 WHERE namespace = $1 AND key = $2 AND expires_at > now()
 "#;
 
-pub(super) const LOOKUP: &str = r#"
-SELECT namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at,
-       lease_expires_at, completed_at, expires_at, response, response_code, content_type,
-       abort_reason, aborted_by
+pub(super) const LOOKUP: &str = concat!(
+    r#"
+SELECT "#,
+    record_columns!(),
+    r#"
 FROM idemd_records
 WHERE namespace = $1 AND key = $2 AND expires_at > now()
-"#;
+"#
+);
 
 pub(super) const REAP: &str = concat!(
     r#"
 WITH due AS (
     SELECT namespace, key FROM idemd_records
-    WHERE state = 1 AND lease_expires_at <= now()
+    WHERE state = 1 AND lease_expires_at <= now() AND expires_at > now()
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 ), reaped AS (
     UPDATE idemd_records r
-    SET state = 3, aborted_by = 2, abort_reason = $2, updated_at = now()
+    SET state = 3, aborted_by = 2, abort_reason = $2, outcome_unknown = true, ended_at = r.lease_expires_at,
+        updated_at = now(), history_seq = r.history_seq + 1
     FROM due
     WHERE r.namespace = due.namespace AND r.key = due.key
-      AND r.state = 1 AND r.lease_expires_at <= now()
-    RETURNING r.namespace, r.key, r.attempt, r.waiters
+      AND r.state = 1 AND r.lease_expires_at <= now() AND r.expires_at > now()
+    RETURNING r.namespace, r.key, r.attempt, r.waiters, r.history_seq
+), history AS (
+    INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, outcome_unknown)
+    SELECT namespace, key, history_seq, now(), 4, attempt, 'reaper', $2, true FROM reaped
 )
 SELECT namespace, key, attempt, "#,
     notify_if_awaited!(),
@@ -230,17 +310,27 @@ FROM reaped
 "#
 );
 
+/// Expired records and their history; an invalidated record's row and
+/// history stay until its `tombstone_until`. A record past `expires_at` is
+/// never changed by a transition but its re-creation (the reaper skips it),
+/// so the history deleted here is all of the row's.
 pub(super) const PURGE: &str = r#"
 WITH due AS (
     SELECT namespace, key FROM idemd_records
-    WHERE expires_at <= now()
+    WHERE expires_at <= now() AND (tombstone_until IS NULL OR tombstone_until <= now())
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM idemd_records r
+    USING due
+    WHERE r.namespace = due.namespace AND r.key = due.key
+      AND r.expires_at <= now() AND (r.tombstone_until IS NULL OR r.tombstone_until <= now())
+    RETURNING r.namespace, r.key
+), history AS (
+    DELETE FROM idemd_events e USING gone WHERE e.namespace = gone.namespace AND e.key = gone.key
 )
-DELETE FROM idemd_records r
-USING due
-WHERE r.namespace = due.namespace AND r.key = due.key AND r.expires_at <= now()
+SELECT count(*) AS purged FROM gone
 "#;
 
 impl SingleKey {
@@ -271,6 +361,7 @@ impl SingleKey {
                     .bind(request.response.as_slice())
                     .bind(request.response_code)
                     .bind(request.content_type.as_str())
+                    .bind(request.principal.as_str())
             })
             .await?;
         if let Some(row) = row {
@@ -289,15 +380,7 @@ impl SingleKey {
         let acquire = || async {
             let token = new_lease_token();
             let row = self.session.fetch_optional(|| bind_acquire(sqlx::query(BEGIN_ACQUIRE), request, &token)).await?;
-            row.map(|row| {
-                Ok(BeginOutcome::Acquired(Lease {
-                    lease_token: token,
-                    attempt: rows::attempt_of(&row)?,
-                    lease_expires_at: row.try_get("lease_expires_at")?,
-                    downstream_key: row.try_get("downstream_key")?,
-                }))
-            })
-            .transpose()
+            row.map(|row| Ok(BeginOutcome::Acquired(rows::acquired_lease(&row, token)?))).transpose()
         };
         let read = || async {
             let row = self
