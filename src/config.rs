@@ -20,7 +20,7 @@ pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Responses beyond this are a misuse of an idempotency store.
 pub const MAX_RESPONSE_BYTES_CEILING: usize = 64 * 1024 * 1024;
 
-fn duration(value: &str) -> Result<Duration, String> {
+pub(crate) fn duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|e| format!("{e} (write durations like 500ms, 60s, 24h)"))
 }
 

@@ -20,12 +20,14 @@
 //! - [`bench`](mod@bench) is the `idemd bench` load generator.
 //! - [`config`] is every setting; [`telemetry`] sets up logs and traces,
 //!   `metrics` the registry behind `/metrics`, `observe` the span and
-//!   metrics of each RPC; [`lookup`] is the `idemd lookup` command.
+//!   metrics of each RPC.
+//! - [`cli`] is the operator's command line: `idemd lookup` and `idemd admin`.
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
 pub mod auth;
 pub mod bench;
+pub mod cli;
 pub(crate) mod codec;
 pub mod config;
 pub(crate) mod connections;
@@ -35,7 +37,6 @@ pub(crate) mod error;
 pub(crate) mod fd_limit;
 pub(crate) mod health;
 pub(crate) mod limits;
-pub mod lookup;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod operator;

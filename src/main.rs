@@ -1,8 +1,10 @@
 //! The `idemd` command line: wiring only; everything lives in the library.
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 use idemd::config::{DatabaseConfig, LogFormat, ServeConfig};
-use idemd::{lookup, server, telemetry};
+use idemd::{cli, server, telemetry};
 
 /// A standalone gRPC idempotency service: no customer is ever charged twice.
 #[derive(Parser)]
@@ -26,20 +28,15 @@ enum Command {
     },
     /// Load generator against a running server (Begin → Complete pairs).
     Bench(idemd::bench::BenchConfig),
-    /// Print one record of a running server as JSON.
-    Lookup {
-        #[arg(long)]
-        namespace: String,
-        #[arg(long)]
-        key: String,
-        /// The server's gRPC address.
-        #[arg(long, env = "IDEMD_ADDR", default_value = "http://127.0.0.1:50051")]
-        addr: String,
-    },
+    /// Print one record of a running server (--json: as JSON).
+    Lookup(cli::LookupArgs),
+    /// Inspect and repair records of a running server: list, history,
+    /// resolve, release, invalidate (the Admin service).
+    Admin(cli::AdminArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Command::Serve(config) => {
             let telemetry = telemetry::init(config.log_format)?;
@@ -47,11 +44,11 @@ async fn main() -> anyhow::Result<()> {
             let listeners = server::Listeners::bind(&config).await?;
             let result = server::run(*config, listeners, server::shutdown_signal()).await;
             telemetry.shutdown();
-            result
+            result.map(|()| ExitCode::SUCCESS)
         }
         Command::Migrate(database) => {
             let _telemetry = telemetry::init(LogFormat::Text)?;
-            server::migrate(&database).await
+            server::migrate(&database).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Bench(config) => {
             let json = config.json;
@@ -61,18 +58,15 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 println!("{}", idemd::bench::render(&report));
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Token { grants } => {
             let (token, line) = idemd::auth::new_token(&grants).map_err(anyhow::Error::msg)?;
             println!("{token}");
             println!("{line}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Lookup { namespace, key, addr } => {
-            let record = lookup::lookup(addr, namespace, key).await?;
-            println!("{}", serde_json::to_string_pretty(&record)?);
-            Ok(())
-        }
+        Command::Lookup(args) => Ok(cli::lookup(args).await),
+        Command::Admin(args) => Ok(cli::admin(args).await),
     }
 }

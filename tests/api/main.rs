@@ -9,6 +9,7 @@ mod abort;
 mod admin;
 mod begin;
 mod bench;
+mod cli;
 mod client;
 mod complete;
 mod fuzz;

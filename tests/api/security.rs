@@ -10,23 +10,23 @@ use tonic::{Code, Request};
 
 use crate::helpers::*;
 
-/// A test CA and what it signs.
-struct Ca(CertifiedIssuer<'static, KeyPair>);
+/// A test CA and what it signs (the CLI tests use it too).
+pub(crate) struct Ca(CertifiedIssuer<'static, KeyPair>);
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
         Ca(CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca"))
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.0.pem()
     }
 
     /// `(cert PEM, key PEM)` for `cn`, valid for localhost and 127.0.0.1.
-    fn leaf(&self, cn: &str, uri: Option<&str>) -> (String, String) {
+    pub(crate) fn leaf(&self, cn: &str, uri: Option<&str>) -> (String, String) {
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -39,7 +39,7 @@ impl Ca {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     // Write then rename: a reader never sees half a file.
     let partial = dir.join(format!(".{name}.partial"));
@@ -64,7 +64,7 @@ async fn call_over(addr: std::net::SocketAddr, tls: ClientTlsConfig) -> Result<(
     client.begin(request).await.map(|_| ())
 }
 
-async fn tls_app(
+pub(crate) async fn tls_app(
     dir: &Path,
     ca: &Ca,
     client_ca: Option<&Ca>,
@@ -147,7 +147,7 @@ async fn tls_certificates_reload_when_their_files_change() {
     call_over(app.addr, client_tls(&old_ca, None)).await.expect_err("the old certificate is gone");
 }
 
-fn authed<T>(message: T, token: &str) -> Request<T> {
+pub(crate) fn authed<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii"));
     request
