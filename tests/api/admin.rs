@@ -156,50 +156,69 @@ async fn admin_fields_are_checked(backend: Backend) {
     let mut admin = app.admin();
     let cases: Vec<(Status, &str)> = vec![
         (
-            admin.resolve(pb::ResolveRequest { reason: String::new(), ..resolve_req("k", 1) }).await.unwrap_err(),
+            admin
+                .resolve(pb::ResolveRequest { reason: String::new(), ..resolve_req("k", 1) })
+                .await
+                .expect_err("refused"),
             "reason",
         ),
         (
-            admin.release(pb::ReleaseRequest { reason: "a\0b".into(), ..release_req("k", 1) }).await.unwrap_err(),
+            admin
+                .release(pb::ReleaseRequest { reason: "a\0b".into(), ..release_req("k", 1) })
+                .await
+                .expect_err("refused"),
             "reason",
         ),
         (
             admin
                 .invalidate(pb::InvalidateRequest { reason: "x".repeat(1025), ..invalidate_req("k") })
                 .await
-                .unwrap_err(),
+                .expect_err("refused"),
             "reason",
         ),
-        (admin.resolve(resolve_req("k", 0)).await.unwrap_err(), "attempt"),
-        (admin.release(release_req("k", 0)).await.unwrap_err(), "attempt"),
+        (admin.resolve(resolve_req("k", 0)).await.expect_err("refused"), "attempt"),
+        (admin.release(release_req("k", 0)).await.expect_err("refused"), "attempt"),
         (
-            admin.resolve(pb::ResolveRequest { content_type: "a\nb".into(), ..resolve_req("k", 1) }).await.unwrap_err(),
+            admin
+                .resolve(pb::ResolveRequest { content_type: "a\nb".into(), ..resolve_req("k", 1) })
+                .await
+                .expect_err("refused"),
             "content_type",
         ),
         (
-            admin.resolve(pb::ResolveRequest { namespace: "Bad".into(), ..resolve_req("k", 1) }).await.unwrap_err(),
+            admin
+                .resolve(pb::ResolveRequest { namespace: "Bad".into(), ..resolve_req("k", 1) })
+                .await
+                .expect_err("refused"),
             "namespace",
         ),
         (
-            admin.get_history(pb::GetHistoryRequest { namespace: NS.into(), key: String::new() }).await.unwrap_err(),
+            admin
+                .get_history(pb::GetHistoryRequest { namespace: NS.into(), key: String::new() })
+                .await
+                .expect_err("refused"),
             "key",
         ),
-        (list(&app, pb::ListRecordsRequest { page_size: 1001, ..list_req() }).await.unwrap_err(), "page_size"),
+        (list(&app, pb::ListRecordsRequest { page_size: 1001, ..list_req() }).await.expect_err("refused"), "page_size"),
         (
-            list(&app, pb::ListRecordsRequest { key_prefix: "a\u{1}".into(), ..list_req() }).await.unwrap_err(),
+            list(&app, pb::ListRecordsRequest { key_prefix: "a\u{1}".into(), ..list_req() })
+                .await
+                .expect_err("refused"),
             "key_prefix",
         ),
         (
-            list(&app, pb::ListRecordsRequest { page_token: "forged".into(), ..list_req() }).await.unwrap_err(),
+            list(&app, pb::ListRecordsRequest { page_token: "forged".into(), ..list_req() })
+                .await
+                .expect_err("refused"),
             "page_token",
         ),
-        (list(&app, pb::ListRecordsRequest { state: 9, ..list_req() }).await.unwrap_err(), "state"),
+        (list(&app, pb::ListRecordsRequest { state: 9, ..list_req() }).await.expect_err("refused"), "state"),
     ];
     for (status, field) in cases {
         assert_invalid_field(&status, field);
     }
     let response = pb::ResolveRequest { response: vec![0; app.config.max_response_bytes + 1], ..resolve_req("k", 1) };
-    assert_invalid_field(&admin.resolve(response).await.unwrap_err(), "response");
+    assert_invalid_field(&admin.resolve(response).await.expect_err("refused"), "response");
 }
 
 fn list_req() -> pb::ListRecordsRequest {
