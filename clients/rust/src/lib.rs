@@ -19,7 +19,7 @@
 //! generated code (messages and the raw `IdempotencyClient`).
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
@@ -103,6 +103,39 @@ pub struct Attempt {
     pub downstream_key: String,
     /// 1, 2, …: a fencing number to forward downstream.
     pub attempt: u32,
+    /// How attempt − 1 ended; `None` on attempt 1. When its
+    /// `outcome_unknown` is set, the earlier attempt may already have
+    /// charged under this same `downstream_key`.
+    pub previous: Option<PreviousAttempt>,
+}
+
+/// How the attempt before this one ended (idemd's `Acquired.previous`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousAttempt {
+    /// Always the current attempt − 1.
+    pub attempt: u32,
+    /// Its caller (Abort), the reaper (its lease expired) or an operator.
+    pub aborted_by: pb::AbortedBy,
+    /// `"lease expired"` for an expired lease, else the reason given.
+    pub abort_reason: String,
+    /// The side effect may have happened: its caller aborted it as
+    /// [`Failure::OutcomeUnknown`], an operator released it so, or its lease
+    /// expired.
+    pub outcome_unknown: bool,
+    /// When it ended (idemd's clock).
+    pub ended_at: Option<SystemTime>,
+}
+
+impl From<&pb::PreviousAttempt> for PreviousAttempt {
+    fn from(previous: &pb::PreviousAttempt) -> Self {
+        PreviousAttempt {
+            attempt: previous.attempt,
+            aborted_by: previous.aborted_by(),
+            abort_reason: previous.abort_reason.clone(),
+            outcome_unknown: previous.outcome_unknown,
+            ended_at: previous.ended_at.and_then(|at| SystemTime::try_from(at).ok()),
+        }
+    }
 }
 
 /// A stored outcome: what the operation answered, replayed to every retry.
@@ -299,7 +332,11 @@ impl Client {
                 Err(status) => return Err(RunError::Rpc(status)),
             }
         };
-        let attempt = Attempt { downstream_key: lease.downstream_key.clone(), attempt: lease.attempt };
+        let attempt = Attempt {
+            downstream_key: lease.downstream_key.clone(),
+            attempt: lease.attempt,
+            previous: lease.previous.as_ref().map(PreviousAttempt::from),
+        };
         // Heartbeats live in this future: if the caller is dropped, they stop.
         let result = tokio::select! {
             result = operation(attempt) => result,
