@@ -5,7 +5,9 @@
 //! `Begin` → **completed**: return the stored response without running;
 //! **acquired**: run the operation with the `downstream_key`, heartbeating
 //! while it runs, then `Complete` with its response (success or a final
-//! failure, both replayed to every retry) or `Abort` on a retryable failure;
+//! failure, both replayed to every retry) or `Abort` on a retryable failure
+//! (nothing happened) or an unknown outcome (it may have happened: the abort
+//! says so, and the next attempt sees it in [`Attempt::previous`]);
 //! **in_progress**: wait (Begin's `wait_timeout`), then retry with backoff
 //! and jitter until the budget runs out. Each RPC is retried only on
 //! UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of times, with the
@@ -152,9 +154,14 @@ pub struct Response {
 pub enum Failure<E> {
     /// Deterministic (card declined): stored with Complete and replayed.
     Final(Response),
-    /// Transient (timeout, 503, "idempotency key in use"): aborted, so the
-    /// caller's retry runs the operation again.
+    /// Nothing happened (503, connection refused, "idempotency key in
+    /// use"): aborted, so the caller's retry runs the operation again.
     Retryable(E),
+    /// It may or may not have happened: the request left and its answer was
+    /// lost (a timeout or a dropped connection after sending). Aborted with
+    /// `outcome_unknown`, so the next attempt learns that the provider may
+    /// already hold this `downstream_key` (and calls its reconcile hook).
+    OutcomeUnknown(E),
 }
 
 /// The result of a successful `run_once`.
@@ -172,6 +179,11 @@ pub enum RunError<E> {
     /// The operation failed transiently and was aborted; retry later.
     #[error("retryable failure (aborted): {0:?}")]
     Retryable(E),
+    /// Aborted with its outcome unknown: the provider may have done it.
+    /// Retrying is safe when the provider deduplicates on `downstream_key`
+    /// or a reconcile hook looks it up first.
+    #[error("outcome unknown (aborted as outcome-unknown): {0:?}")]
+    OutcomeUnknown(E),
     /// Another attempt still holds the key after the in-progress budget.
     #[error("another attempt is still in progress")]
     InProgress,
@@ -300,6 +312,24 @@ impl Client {
         }
     }
 
+    async fn abort(&self, key: &str, token: &str, reason: &str, outcome_unknown: bool) {
+        let message = pb::AbortRequest {
+            namespace: self.namespace.clone(),
+            key: key.to_string(),
+            lease_token: token.to_string(),
+            reason: reason.to_string(),
+            outcome_unknown,
+        };
+        // LEASE_LOST or an unreachable idemd: the lease ends by itself, and
+        // an expired lease always counts as outcome-unknown.
+        let _ = self
+            .retrying(|mut grpc| {
+                let request = self.request(message.clone(), self.policy.rpc_timeout);
+                async move { grpc.abort(request).await }
+            })
+            .await;
+    }
+
     /// Runs `operation` at most once per `key` (in this client's namespace)
     /// and returns its response, or the stored response of the attempt that
     /// ran it. See the module documentation for the protocol.
@@ -345,21 +375,12 @@ impl Client {
         let response = match result {
             Ok(response) | Err(Failure::Final(response)) => response,
             Err(Failure::Retryable(error)) => {
-                let message = pb::AbortRequest {
-                    namespace: self.namespace.clone(),
-                    key: key.to_string(),
-                    lease_token: lease.lease_token.clone(),
-                    reason: "retryable failure".into(),
-                    outcome_unknown: false,
-                };
-                // LEASE_LOST or an unreachable idemd: the lease ends by itself.
-                let _ = self
-                    .retrying(|mut grpc| {
-                        let request = self.request(message.clone(), self.policy.rpc_timeout);
-                        async move { grpc.abort(request).await }
-                    })
-                    .await;
+                self.abort(key, &lease.lease_token, "retryable failure", false).await;
                 return Err(RunError::Retryable(error));
+            }
+            Err(Failure::OutcomeUnknown(error)) => {
+                self.abort(key, &lease.lease_token, "outcome unknown", true).await;
+                return Err(RunError::OutcomeUnknown(error));
             }
         };
         let message = pb::CompleteRequest {
