@@ -15,7 +15,14 @@
 //!
 //! If the caller's task is dropped mid-operation (its process "crashes"),
 //! the heartbeats stop with it: they run inside the same future, so the lease
-//! expires and the next attempt re-acquires with the same `downstream_key`.
+//! expires and the next attempt re-acquires with the same `downstream_key`,
+//! its outcome unknown.
+//!
+//! A provider that deduplicates on `downstream_key` makes that retry safe by
+//! itself. For one that does not, [`Client::run_once_with_reconcile`] first
+//! asks the provider (a reconcile hook) whenever the previous attempt's
+//! outcome is unknown, and stores what it already did instead of doing it
+//! again.
 //!
 //! This crate depends on tonic's client side only; [`pb`] is the contract's
 //! generated code (messages and the raw `IdempotencyClient`).
@@ -171,6 +178,9 @@ pub struct Done {
     /// True when the operation did not run here: the stored response of an
     /// earlier attempt was replayed.
     pub replayed: bool,
+    /// True when the operation did not run here because the reconcile hook
+    /// found the provider's result of an earlier attempt (now stored).
+    pub reconciled: bool,
     pub attempt: u32,
 }
 
@@ -181,7 +191,11 @@ pub enum RunError<E> {
     Retryable(E),
     /// Aborted with its outcome unknown: the provider may have done it.
     /// Retrying is safe when the provider deduplicates on `downstream_key`
-    /// or a reconcile hook looks it up first.
+    /// or a reconcile hook looks it up first. Returned for
+    /// [`Failure::OutcomeUnknown`], for a failed reconcile hook, and for a
+    /// [`Failure::Retryable`] that followed an outcome-unknown attempt
+    /// nobody reconciled (the record keeps saying outcome-unknown, and this
+    /// error kind always says what the record says).
     #[error("outcome unknown (aborted as outcome-unknown): {0:?}")]
     OutcomeUnknown(E),
     /// Another attempt still holds the key after the in-progress budget.
@@ -198,6 +212,15 @@ pub enum RunError<E> {
     #[error("idemd: {0}")]
     Rpc(Status),
 }
+
+/// How one acquired attempt ends.
+enum Step<E> {
+    Complete { response: Response, reconciled: bool },
+    Abort { reason: &'static str, outcome_unknown: bool, error: E },
+}
+
+/// The reconcile hook of a plain `run_once`: never called.
+type NoReconcile<E> = fn(Attempt) -> std::future::Ready<Result<Option<Response>, E>>;
 
 fn reason(status: &Status) -> Option<String> {
     use tonic_types::StatusExt;
@@ -333,8 +356,61 @@ impl Client {
     /// Runs `operation` at most once per `key` (in this client's namespace)
     /// and returns its response, or the stored response of the attempt that
     /// ran it. See the module documentation for the protocol.
+    ///
+    /// For a provider that deduplicates on `downstream_key`. For one that
+    /// does not, use [`Client::run_once_with_reconcile`].
     pub async fn run_once<F, Fut, E>(&self, key: &str, fingerprint: &[u8], operation: F) -> Result<Done, RunError<E>>
     where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = Result<Response, Failure<E>>>,
+    {
+        self.run(key, fingerprint, None::<NoReconcile<E>>, operation).await
+    }
+
+    /// [`Client::run_once`] for a provider that does not deduplicate on
+    /// `downstream_key`: when the attempt before this one ended with its
+    /// outcome unknown (`attempt.previous` has `outcome_unknown`: it was
+    /// aborted as [`Failure::OutcomeUnknown`], its lease expired, or an
+    /// operator released it so), `reconcile` runs first, under the lease
+    /// and with heartbeats, and asks the provider what it holds for
+    /// `attempt.downstream_key`:
+    ///
+    /// - `Ok(Some(response))`: the earlier attempt did it. The response is
+    ///   stored with `Complete` (so give a declined card its 402 here) and
+    ///   returned with [`Done::reconciled`]; `operation` does not run.
+    /// - `Ok(None)`: it did not; `operation` runs as usual.
+    /// - `Err(error)`: the question stays open, so the attempt is aborted
+    ///   with `outcome_unknown` still set (the next attempt reconciles again)
+    ///   and the caller gets [`RunError::OutcomeUnknown`].
+    ///
+    /// `reconcile` is not called on attempt 1 or after an attempt that ended
+    /// with nothing done.
+    pub async fn run_once_with_reconcile<R, RFut, F, Fut, E>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        reconcile: R,
+        operation: F,
+    ) -> Result<Done, RunError<E>>
+    where
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<Response>, E>>,
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = Result<Response, Failure<E>>>,
+    {
+        self.run(key, fingerprint, Some(reconcile), operation).await
+    }
+
+    async fn run<R, RFut, F, Fut, E>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        reconcile: Option<R>,
+        operation: F,
+    ) -> Result<Done, RunError<E>>
+    where
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<Response>, E>>,
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = Result<Response, Failure<E>>>,
     {
@@ -367,20 +443,45 @@ impl Client {
             attempt: lease.attempt,
             previous: lease.previous.as_ref().map(PreviousAttempt::from),
         };
+        let step = async {
+            // Whether attempt − 1 may have done it and nobody has checked.
+            let mut unresolved = attempt.previous.as_ref().is_some_and(|previous| previous.outcome_unknown);
+            if unresolved && let Some(reconcile) = reconcile {
+                match reconcile(attempt.clone()).await {
+                    Ok(Some(response)) => return Step::Complete { response, reconciled: true },
+                    Ok(None) => unresolved = false,
+                    Err(error) => return Step::Abort { reason: "reconcile failed", outcome_unknown: true, error },
+                }
+            }
+            match operation(attempt).await {
+                Ok(response) | Err(Failure::Final(response)) => Step::Complete { response, reconciled: false },
+                // Nothing happened here, but an unreconciled earlier attempt
+                // may still have: keep the record saying so, or the attempt
+                // after this one would skip its reconcile hook.
+                Err(Failure::Retryable(error)) if unresolved => Step::Abort {
+                    reason: "retryable failure; the previous outcome is unknown",
+                    outcome_unknown: true,
+                    error,
+                },
+                Err(Failure::Retryable(error)) => {
+                    Step::Abort { reason: "retryable failure", outcome_unknown: false, error }
+                }
+                Err(Failure::OutcomeUnknown(error)) => {
+                    Step::Abort { reason: "outcome unknown", outcome_unknown: true, error }
+                }
+            }
+        };
         // Heartbeats live in this future: if the caller is dropped, they stop.
-        let result = tokio::select! {
-            result = operation(attempt) => result,
+        let step = tokio::select! {
+            step = step => step,
             _ = self.heartbeats(key, &lease.lease_token) => unreachable!("heartbeats never end"),
         };
-        let response = match result {
-            Ok(response) | Err(Failure::Final(response)) => response,
-            Err(Failure::Retryable(error)) => {
-                self.abort(key, &lease.lease_token, "retryable failure", false).await;
-                return Err(RunError::Retryable(error));
-            }
-            Err(Failure::OutcomeUnknown(error)) => {
-                self.abort(key, &lease.lease_token, "outcome unknown", true).await;
-                return Err(RunError::OutcomeUnknown(error));
+        let (response, reconciled) = match step {
+            Step::Complete { response, reconciled } => (response, reconciled),
+            // The caller's error kind says what the record says.
+            Step::Abort { reason, outcome_unknown, error } => {
+                self.abort(key, &lease.lease_token, reason, outcome_unknown).await;
+                return Err(if outcome_unknown { RunError::OutcomeUnknown(error) } else { RunError::Retryable(error) });
             }
         };
         let message = pb::CompleteRequest {
@@ -398,7 +499,7 @@ impl Client {
             })
             .await
         {
-            Ok(_) => Ok(Done { response, replayed: false, attempt: lease.attempt }),
+            Ok(_) => Ok(Done { response, replayed: false, reconciled, attempt: lease.attempt }),
             Err(status) if reason(&status).as_deref() == Some("LEASE_LOST") => {
                 // Another attempt took over: replay its result if it stored one.
                 match self.begin(key, fingerprint, &nonce, self.policy.wait).await {
@@ -415,6 +516,7 @@ fn replay(done: pb::Completed) -> Done {
     Done {
         response: Response { body: done.response, code: done.response_code, content_type: done.content_type },
         replayed: true,
+        reconciled: false,
         attempt: done.attempt,
     }
 }
