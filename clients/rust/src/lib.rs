@@ -39,7 +39,8 @@ use crate::pb::{begin_response::Outcome, idempotency_client::IdempotencyClient};
 
 /// Code generated from `proto/idemd/v1/idempotency.proto` (client side).
 pub mod pb {
-    #![allow(clippy::all, missing_docs)]
+    // The proto's comments are prose, not HTML ("subject:<CN or URI SAN>").
+    #![allow(clippy::all, missing_docs, rustdoc::invalid_html_tags)]
     tonic::include_proto!("idemd.v1");
 
     /// A std duration as a protobuf Duration (saturating).
