@@ -1,9 +1,16 @@
 //! The payment demo: proves "charged once" end to end.
 //!
 //! - a fake payment provider that records charges and, like Stripe,
-//!   deduplicates by idempotency key;
+//!   deduplicates by idempotency key; with `--provider-dedup off` it charges
+//!   every call instead, and sometimes charges and then times out (the worker
+//!   cannot tell whether it charged), but it can list the charges made with
+//!   an idempotency key (as Stripe lists by metadata);
 //! - a payment service that charges through idemd with the Rust client's
-//!   `run_once`, passing idemd's `downstream_key` to the provider;
+//!   `run_once`, passing idemd's `downstream_key` to the provider; against a
+//!   provider without deduplication it uses `run_once_with_reconcile`, whose
+//!   hook looks the `downstream_key` up whenever the previous attempt's
+//!   outcome is unknown (`--reconcile off` leaves the hook out, to show what
+//!   it prevents);
 //! - a chaos driver: several concurrent workers per payment, transient
 //!   provider failures (aborted and retried), declined cards (stored and
 //!   replayed), and workers that crash between charging and completing.
@@ -27,38 +34,68 @@ enum ProviderResult {
     Declined,
 }
 
+impl ProviderResult {
+    /// The answer the payment service stores: the same whether the charge
+    /// call returned it or the reconcile hook found it later.
+    fn into_response(self) -> Response {
+        match self {
+            ProviderResult::Charged { charge_id } => {
+                Response { body: charge_id.into_bytes(), code: 201, content_type: "text/plain".into() }
+            }
+            ProviderResult::Declined => {
+                Response { body: b"card_declined".to_vec(), code: 402, content_type: "text/plain".into() }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Provider {
-    /// idempotency key → the first answer, replayed to every repeat.
-    by_key: Mutex<HashMap<String, ProviderResult>>,
+    /// Whether a repeated idempotency key gets the first answer back (like
+    /// Stripe) or is charged again.
+    deduplicates: bool,
+    /// idempotency key → every answer given for it, oldest first.
+    by_key: Mutex<HashMap<String, Vec<ProviderResult>>>,
     /// payment → charges actually created for it.
     charges_per_payment: Mutex<HashMap<String, u32>>,
     raw_calls: AtomicU64,
     deduplicated: AtomicU64,
     transient_failures: AtomicU64,
+    timeouts_after_charging: AtomicU64,
+    lookups: AtomicU64,
+    lookups_found: AtomicU64,
 }
 
-struct Transient;
+enum ProviderError {
+    /// Refused before anything was charged.
+    Transient,
+    /// Done, but the answer never reached the caller.
+    Timeout,
+}
 
 impl Provider {
-    /// A charge request. Transient failures happen before anything is charged.
+    /// A charge request. Transient failures happen before anything is
+    /// charged; timeouts after it.
     fn charge(
         &self,
         idempotency_key: &str,
         payment: &str,
         declined: bool,
         fail: bool,
-    ) -> Result<ProviderResult, Transient> {
+        time_out: bool,
+    ) -> Result<ProviderResult, ProviderError> {
         self.raw_calls.fetch_add(1, Ordering::SeqCst);
         if fail {
             self.transient_failures.fetch_add(1, Ordering::SeqCst);
-            return Err(Transient);
+            return Err(ProviderError::Transient);
         }
         let mut by_key = self.by_key.lock().expect("provider");
-        if let Some(previous) = by_key.get(idempotency_key) {
+        if self.deduplicates
+            && let Some(first) = by_key.get(idempotency_key).and_then(|answers| answers.first())
+        {
             // Without the key this call would have charged the customer again.
             self.deduplicated.fetch_add(1, Ordering::SeqCst);
-            return Ok(previous.clone());
+            return Ok(first.clone());
         }
         let result = if declined {
             ProviderResult::Declined
@@ -68,8 +105,23 @@ impl Provider {
             *count += 1;
             ProviderResult::Charged { charge_id: format!("ch_{}_{}", payment, count) }
         };
-        by_key.insert(idempotency_key.to_string(), result.clone());
+        by_key.entry(idempotency_key.to_string()).or_default().push(result.clone());
+        if time_out {
+            self.timeouts_after_charging.fetch_add(1, Ordering::SeqCst);
+            return Err(ProviderError::Timeout);
+        }
         Ok(result)
+    }
+
+    /// The first answer given for an idempotency key, if any: how a caller
+    /// finds out what an attempt whose answer it lost did.
+    fn find(&self, idempotency_key: &str) -> Option<ProviderResult> {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let found = self.by_key.lock().expect("provider").get(idempotency_key).and_then(|a| a.first()).cloned();
+        if found.is_some() {
+            self.lookups_found.fetch_add(1, Ordering::SeqCst);
+        }
+        found
     }
 }
 
@@ -77,29 +129,42 @@ struct Settings {
     payments: u64,
     workers: u64,
     seed: u64,
+    provider_dedup: bool,
+    reconcile: bool,
     addr: String,
 }
 
+fn on_off(flag: &str, value: &str) -> bool {
+    match value {
+        "on" => true,
+        "off" => false,
+        _ => panic!("{flag} takes on or off"),
+    }
+}
+
 fn settings() -> Settings {
-    let mut settings = Settings {
-        payments: 200,
-        workers: 3,
-        seed: 42,
-        addr: std::env::var("IDEMD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into()),
-    };
+    let (mut payments, mut workers, mut seed, mut provider_dedup, mut reconcile) = (200, 3, 42, true, None);
+    let mut addr = std::env::var("IDEMD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         let value = pair.get(1).cloned().unwrap_or_default();
         let number = || value.parse::<u64>().unwrap_or_else(|_| panic!("{} needs a number", pair[0]));
         match pair[0].as_str() {
-            "--payments" => settings.payments = number(),
-            "--workers" => settings.workers = number(),
-            "--seed" => settings.seed = number(),
-            "--addr" => settings.addr = value,
-            other => panic!("unknown argument {other}: use --payments N --workers N --seed N --addr URL"),
+            "--payments" => payments = number(),
+            "--workers" => workers = number(),
+            "--seed" => seed = number(),
+            "--provider-dedup" => provider_dedup = on_off(&pair[0], &value),
+            "--reconcile" => reconcile = Some(on_off(&pair[0], &value)),
+            "--addr" => addr = value,
+            other => panic!(
+                "unknown argument {other}: use --payments N --workers N --seed N \
+                 --provider-dedup on|off --reconcile on|off --addr URL"
+            ),
         }
     }
-    settings
+    // As API.md advises: reconcile when the provider does not deduplicate.
+    let reconcile = reconcile.unwrap_or(!provider_dedup);
+    Settings { payments, workers, seed, provider_dedup, reconcile, addr }
 }
 
 async fn wait_until_ready(addr: &str) {
@@ -118,8 +183,14 @@ async fn wait_until_ready(addr: &str) {
 }
 
 /// One worker of one payment: retries until the payment has an answer.
-async fn worker(client: Client, provider: &Provider, payment: u64, worker: u64, seed: u64) -> Option<Response> {
-    let mut rng = StdRng::seed_from_u64(seed ^ (payment << 8) ^ worker);
+async fn worker(
+    client: Client,
+    provider: &Provider,
+    payment: u64,
+    worker: u64,
+    settings: &Settings,
+) -> Option<Response> {
+    let mut rng = StdRng::seed_from_u64(settings.seed ^ (payment << 8) ^ worker);
     let payment_id = format!("pay-{payment}");
     let key = entity_key(&payment_id, "charge");
     let amount = (1000 + payment * 7).to_string();
@@ -128,27 +199,36 @@ async fn worker(client: Client, provider: &Provider, payment: u64, worker: u64, 
     let declined = payment % 17 == 3;
     for _ in 0..60 {
         let (fail, crash) = (rng.random_bool(0.15), rng.random_bool(0.15));
+        // Drawn only without deduplication, so that the default run's
+        // chaos stays what it was for a given seed.
+        let time_out = !settings.provider_dedup && rng.random_bool(0.15);
         let payment_id = &payment_id;
         let operation = |attempt: Attempt| async move {
-            let result = provider.charge(&attempt.downstream_key, payment_id, declined, fail);
+            let result = provider.charge(&attempt.downstream_key, payment_id, declined, fail, time_out);
             if crash && result.is_ok() {
                 // Charged, then the process dies before telling idemd.
                 std::future::pending::<()>().await;
             }
             match result {
-                Ok(ProviderResult::Charged { charge_id }) => {
-                    Ok(Response { body: charge_id.into_bytes(), code: 201, content_type: "text/plain".into() })
-                }
-                Ok(ProviderResult::Declined) => Err(Failure::Final(Response {
-                    body: b"card_declined".to_vec(),
-                    code: 402,
-                    content_type: "text/plain".into(),
-                })),
-                Err(Transient) => Err(Failure::Retryable("provider 503")),
+                Ok(ProviderResult::Declined) => Err(Failure::Final(ProviderResult::Declined.into_response())),
+                Ok(charged) => Ok(charged.into_response()),
+                Err(ProviderError::Transient) => Err(Failure::Retryable("provider 503")),
+                Err(ProviderError::Timeout) => Err(Failure::OutcomeUnknown("provider timeout")),
+            }
+        };
+        // Called only when the previous attempt's outcome is unknown.
+        let reconcile = |attempt: Attempt| async move {
+            Ok::<_, &str>(provider.find(&attempt.downstream_key).map(ProviderResult::into_response))
+        };
+        let call = async {
+            if settings.reconcile {
+                client.run_once_with_reconcile(&key, &fp, reconcile, operation).await
+            } else {
+                client.run_once(&key, &fp, operation).await
             }
         };
         // A crashed worker is one whose call never returns: cut it off.
-        match tokio::time::timeout(Duration::from_secs(2), client.run_once(&key, &fp, operation)).await {
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(done)) => return Some(done.response),
             Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await,
         }
@@ -158,7 +238,7 @@ async fn worker(client: Client, provider: &Provider, payment: u64, worker: u64, 
 
 #[tokio::main]
 async fn main() {
-    let settings = settings();
+    let settings = &settings();
     wait_until_ready(&settings.addr).await;
     let policy = Policy {
         lease_ttl: Duration::from_secs(1),
@@ -167,14 +247,14 @@ async fn main() {
         ..Policy::default()
     };
     let client = Client::connect_lazy(&settings.addr, "demo-payments", policy).expect("address");
-    let provider = Provider::default();
+    let provider = Provider { deduplicates: settings.provider_dedup, ..Provider::default() };
     let started = std::time::Instant::now();
 
     let answers: Vec<Vec<Option<Response>>> = futures::future::join_all((0..settings.payments).map(|payment| {
         let (client, provider) = (client.clone(), &provider);
         async move {
             futures::future::join_all(
-                (0..settings.workers).map(|w| worker(client.clone(), provider, payment, w, settings.seed)),
+                (0..settings.workers).map(|w| worker(client.clone(), provider, payment, w, settings)),
             )
             .await
         }
@@ -203,14 +283,26 @@ async fn main() {
     }
     let kept: u32 = charges.values().sum();
     let double = charges.values().filter(|&&n| n > 1).count();
+    let on_off = |on: bool| if on { "on" } else { "off" };
     println!("payments:                        {}", settings.payments);
+    println!("provider deduplication:          {}", on_off(settings.provider_dedup));
+    println!("reconcile hook:                  {}", on_off(settings.reconcile));
     println!("finished (charged or declined):  {finished} ({declined} declined)");
     println!("workers per payment:             {}", settings.workers);
     println!("raw charge calls:                {}", provider.raw_calls.load(Ordering::SeqCst));
     println!("transient provider failures:     {}", provider.transient_failures.load(Ordering::SeqCst));
     println!("charges kept by the provider:    {kept}");
     println!("answers that disagree:           {disagreements}");
-    println!("double charges without the downstream key: {}", provider.deduplicated.load(Ordering::SeqCst));
+    if settings.provider_dedup {
+        println!("double charges without the downstream key: {}", provider.deduplicated.load(Ordering::SeqCst));
+    } else {
+        let timeouts = provider.timeouts_after_charging.load(Ordering::SeqCst);
+        println!("timeouts after charging:         {timeouts}");
+    }
+    if settings.reconcile {
+        let (lookups, found) = (provider.lookups.load(Ordering::SeqCst), provider.lookups_found.load(Ordering::SeqCst));
+        println!("reconcile lookups (found):       {lookups} ({found})");
+    }
     println!("run time:                        {:.1?}", started.elapsed());
     println!("double charges: {double}");
     if double > 0 || finished != settings.payments as usize || disagreements > 0 {

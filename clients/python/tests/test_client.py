@@ -14,8 +14,10 @@ import uuid
 import grpc
 import pytest
 
+from idemd.v1 import idempotency_pb2 as pb
 from idemd_client import (
-    Client, Final, FingerprintMismatch, InProgress, Response, Retryable, RetryableFailure, entity_key, fingerprint,
+    Client, Final, FingerprintMismatch, InProgress, OutcomeUnknown, OutcomeUnknownFailure, Response, Retryable,
+    RetryableFailure, entity_key, fingerprint,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -194,3 +196,160 @@ def test_a_crashed_caller_is_recovered_after_its_lease_expires(idemd):
     )
     assert (done.replayed, done.attempt) == (False, 2)
     assert seen == [first_key], "the provider can deduplicate the first charge"
+
+
+def lookup(c, k):
+    return c.stub.Lookup(pb.LookupRequest(namespace=c.namespace, key=k)).record
+
+
+def charge_then_time_out(c, k):
+    """Attempt 1 charges and its answer is lost; returns its Attempt."""
+    seen = []
+
+    def timeout(attempt):
+        seen.append(attempt)
+        raise OutcomeUnknown("provider timeout")
+
+    with pytest.raises(OutcomeUnknownFailure):
+        c.run_once(k, b"fp", timeout)
+    return seen[0]
+
+
+class Hook:
+    """A reconcile hook that records its calls and answers (or raises) ``answer``."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, []
+
+    def __call__(self, attempt):
+        self.calls.append(attempt)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_an_unknown_outcome_is_recorded_and_handed_to_the_next_attempt(idemd):
+    c, k, seen = client(idemd), key(), []
+    first = charge_then_time_out(c, k)
+    assert first.previous is None
+    record = lookup(c, k)
+    assert (record.state, record.outcome_unknown, record.aborted_by) == (
+        pb.STATE_ABORTED, True, pb.ABORTED_BY_CALLER)
+    done = c.run_once(k, b"fp", lambda attempt: seen.append(attempt) or Response(b"ch_1", 201))
+    assert (done.attempt, done.replayed, done.reconciled) == (2, False, False)
+    assert seen[0].downstream_key == first.downstream_key
+    previous = seen[0].previous
+    assert (previous.attempt, previous.aborted_by, previous.outcome_unknown) == (1, "ABORTED_BY_CALLER", True)
+    assert previous.abort_reason == "outcome unknown" and previous.ended_at is not None
+
+
+def test_after_a_retryable_failure_nothing_is_reconciled(idemd):
+    c, k, seen, hook = client(idemd), key(), [], Hook(Response(b"wrong", 201))
+
+    def flaky(attempt):
+        seen.append(attempt)
+        raise Retryable("provider 503")
+
+    with pytest.raises(RetryableFailure):
+        c.run_once(k, b"fp", flaky, reconcile=hook)
+    assert lookup(c, k).outcome_unknown is False
+    done = c.run_once(k, b"fp", lambda attempt: seen.append(attempt) or Response(b"ch_2", 201), reconcile=hook)
+    assert (done.attempt, done.response.body, done.reconciled) == (2, b"ch_2", False)
+    assert seen[0].previous is None and seen[1].previous.outcome_unknown is False
+    assert hook.calls == [], "the hook runs only after an unknown outcome"
+
+
+def test_a_reconciled_result_is_stored_without_running_the_operation(idemd):
+    c, k, runs, hook = client(idemd), key(), [], Hook(Response(b"ch_3", 201, "text/plain"))
+    first = charge_then_time_out(c, k)
+    done = c.run_once(k, b"fp", lambda attempt: runs.append(1) or Response(b"second charge", 201), reconcile=hook)
+    assert (done.response.body, done.replayed, done.reconciled, done.attempt) == (b"ch_3", False, True, 2)
+    assert runs == []
+    assert len(hook.calls) == 1 and hook.calls[0].downstream_key == first.downstream_key
+    assert (hook.calls[0].previous.attempt, hook.calls[0].previous.outcome_unknown) == (1, True)
+    record = lookup(c, k)
+    assert (record.state, record.response) == (pb.STATE_COMPLETED, b"ch_3")
+    replay = c.run_once(k, b"fp", lambda attempt: Response(b"again"))
+    assert replay.replayed and replay.response.body == b"ch_3"
+
+
+def test_a_declined_card_found_by_the_hook_is_stored(idemd):
+    c, k = client(idemd), key()
+    declined = Response(b"card_declined", 402, "text/plain")
+    charge_then_time_out(c, k)
+    hook = Hook(Final(declined))
+    done = c.run_once(k, b"fp", lambda attempt: Response(b"second charge", 201), reconcile=hook)
+    assert (done.response, done.reconciled) == (declined, True)
+
+
+def test_when_the_hook_finds_nothing_the_operation_runs(idemd):
+    c, k, seen, hook = client(idemd), key(), [], Hook(None)
+    charge_then_time_out(c, k)
+    done = c.run_once(k, b"fp", lambda attempt: seen.append(attempt) or Response(b"ch_4", 201), reconcile=hook)
+    assert (done.response.body, done.reconciled, done.attempt) == (b"ch_4", False, 2)
+    assert len(hook.calls) == 1 and seen[0].previous.outcome_unknown, "the operation sees it too"
+
+
+def test_a_failed_hook_leaves_the_outcome_unknown(idemd):
+    c, k, runs = client(idemd), key(), []
+    charge_then_time_out(c, k)
+    failing = Hook(ConnectionError("lookup 503"))
+    with pytest.raises(OutcomeUnknownFailure) as raised:
+        c.run_once(k, b"fp", lambda attempt: runs.append(1) or Response(b"second charge", 201), reconcile=failing)
+    assert isinstance(raised.value.__cause__, ConnectionError)
+    assert runs == [], "no charge while the first one may exist"
+    record = lookup(c, k)
+    assert (record.state, record.attempt, record.outcome_unknown) == (pb.STATE_ABORTED, 2, True)
+    hook = Hook(Response(b"ch_5", 201))
+    done = c.run_once(k, b"fp", lambda attempt: Response(b"second charge", 201), reconcile=hook)
+    assert (done.response.body, done.reconciled, done.attempt) == (b"ch_5", True, 3)
+    assert (hook.calls[0].previous.attempt, hook.calls[0].previous.outcome_unknown) == (2, True)
+
+
+def test_a_retryable_failure_keeps_an_unreconciled_unknown_outcome(idemd):
+    c, k = client(idemd), key()
+    charge_then_time_out(c, k)
+
+    def flaky(attempt):
+        raise Retryable("503")
+
+    # Without a hook nobody checked attempt 1: the record must keep saying so.
+    with pytest.raises(OutcomeUnknownFailure):
+        c.run_once(k, b"fp", flaky)
+    record = lookup(c, k)
+    assert (record.attempt, record.outcome_unknown) == (2, True)
+    # With a hook that found nothing, the retryable failure is just that.
+    hook = Hook(None)
+    with pytest.raises(RetryableFailure):
+        c.run_once(k, b"fp", flaky, reconcile=hook)
+    record = lookup(c, k)
+    assert (len(hook.calls), record.attempt, record.outcome_unknown) == (1, 3, False)
+
+
+def test_an_expired_lease_is_reconciled(idemd):
+    k = key()
+    caller = subprocess.Popen([sys.executable, "-c", CRASHING_CALLER, idemd, k], stdout=subprocess.PIPE, text=True)
+    assert caller.stdout.readline().strip().startswith("idk_")
+    caller.send_signal(signal.SIGKILL)
+    caller.wait()
+    hook = Hook(Response(b"ch_7", 201))
+    done = client(idemd, lease_ttl=1.0).run_once(k, b"fp", lambda attempt: Response(b"second charge"), reconcile=hook)
+    assert (done.response.body, done.reconciled, done.attempt) == (b"ch_7", True, 2)
+    previous = hook.calls[0].previous
+    assert (previous.aborted_by, previous.abort_reason, previous.outcome_unknown) == (
+        "ABORTED_BY_REAPER", "lease expired", True)
+
+
+def test_the_decorator_takes_a_reconcile_hook(idemd):
+    c, calls = client(idemd), []
+
+    @c.once(key=lambda order: order, fingerprint_of=lambda order: b"fp",
+            reconcile=lambda attempt, order: calls.append(order) or Response(f"found {order}".encode(), 201))
+    def charge(attempt, order):
+        raise OutcomeUnknown("provider timeout")
+
+    order = key()
+    with pytest.raises(OutcomeUnknownFailure):
+        charge(order)
+    done = charge(order)
+    assert (done.response.body, done.reconciled, calls) == (f"found {order}".encode(), True, [order])

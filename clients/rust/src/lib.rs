@@ -5,7 +5,9 @@
 //! `Begin` → **completed**: return the stored response without running;
 //! **acquired**: run the operation with the `downstream_key`, heartbeating
 //! while it runs, then `Complete` with its response (success or a final
-//! failure, both replayed to every retry) or `Abort` on a retryable failure;
+//! failure, both replayed to every retry) or `Abort` on a retryable failure
+//! (nothing happened) or an unknown outcome (it may have happened: the abort
+//! says so, and the next attempt sees it in [`Attempt::previous`]);
 //! **in_progress**: wait (Begin's `wait_timeout`), then retry with backoff
 //! and jitter until the budget runs out. Each RPC is retried only on
 //! UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of times, with the
@@ -13,13 +15,20 @@
 //!
 //! If the caller's task is dropped mid-operation (its process "crashes"),
 //! the heartbeats stop with it: they run inside the same future, so the lease
-//! expires and the next attempt re-acquires with the same `downstream_key`.
+//! expires and the next attempt re-acquires with the same `downstream_key`,
+//! its outcome unknown.
+//!
+//! A provider that deduplicates on `downstream_key` makes that retry safe by
+//! itself. For one that does not, [`Client::run_once_with_reconcile`] first
+//! asks the provider (a reconcile hook) whenever the previous attempt's
+//! outcome is unknown, and stores what it already did instead of doing it
+//! again.
 //!
 //! This crate depends on tonic's client side only; [`pb`] is the contract's
 //! generated code (messages and the raw `IdempotencyClient`).
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
@@ -30,7 +39,8 @@ use crate::pb::{begin_response::Outcome, idempotency_client::IdempotencyClient};
 
 /// Code generated from `proto/idemd/v1/idempotency.proto` (client side).
 pub mod pb {
-    #![allow(clippy::all, missing_docs)]
+    // The proto's comments are prose, not HTML ("subject:<CN or URI SAN>").
+    #![allow(clippy::all, missing_docs, rustdoc::invalid_html_tags)]
     tonic::include_proto!("idemd.v1");
 
     /// A std duration as a protobuf Duration (saturating).
@@ -103,6 +113,39 @@ pub struct Attempt {
     pub downstream_key: String,
     /// 1, 2, …: a fencing number to forward downstream.
     pub attempt: u32,
+    /// How attempt − 1 ended; `None` on attempt 1. When its
+    /// `outcome_unknown` is set, the earlier attempt may already have
+    /// charged under this same `downstream_key`.
+    pub previous: Option<PreviousAttempt>,
+}
+
+/// How the attempt before this one ended (idemd's `Acquired.previous`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousAttempt {
+    /// Always the current attempt − 1.
+    pub attempt: u32,
+    /// Its caller (Abort), the reaper (its lease expired) or an operator.
+    pub aborted_by: pb::AbortedBy,
+    /// `"lease expired"` for an expired lease, else the reason given.
+    pub abort_reason: String,
+    /// The side effect may have happened: its caller aborted it as
+    /// [`Failure::OutcomeUnknown`], an operator released it so, or its lease
+    /// expired.
+    pub outcome_unknown: bool,
+    /// When it ended (idemd's clock).
+    pub ended_at: Option<SystemTime>,
+}
+
+impl From<&pb::PreviousAttempt> for PreviousAttempt {
+    fn from(previous: &pb::PreviousAttempt) -> Self {
+        PreviousAttempt {
+            attempt: previous.attempt,
+            aborted_by: previous.aborted_by(),
+            abort_reason: previous.abort_reason.clone(),
+            outcome_unknown: previous.outcome_unknown,
+            ended_at: previous.ended_at.and_then(|at| SystemTime::try_from(at).ok()),
+        }
+    }
 }
 
 /// A stored outcome: what the operation answered, replayed to every retry.
@@ -119,9 +162,14 @@ pub struct Response {
 pub enum Failure<E> {
     /// Deterministic (card declined): stored with Complete and replayed.
     Final(Response),
-    /// Transient (timeout, 503, "idempotency key in use"): aborted, so the
-    /// caller's retry runs the operation again.
+    /// Nothing happened (503, connection refused, "idempotency key in
+    /// use"): aborted, so the caller's retry runs the operation again.
     Retryable(E),
+    /// It may or may not have happened: the request left and its answer was
+    /// lost (a timeout or a dropped connection after sending). Aborted with
+    /// `outcome_unknown`, so the next attempt learns that the provider may
+    /// already hold this `downstream_key` (and calls its reconcile hook).
+    OutcomeUnknown(E),
 }
 
 /// The result of a successful `run_once`.
@@ -131,6 +179,9 @@ pub struct Done {
     /// True when the operation did not run here: the stored response of an
     /// earlier attempt was replayed.
     pub replayed: bool,
+    /// True when the operation did not run here because the reconcile hook
+    /// found the provider's result of an earlier attempt (now stored).
+    pub reconciled: bool,
     pub attempt: u32,
 }
 
@@ -139,6 +190,15 @@ pub enum RunError<E> {
     /// The operation failed transiently and was aborted; retry later.
     #[error("retryable failure (aborted): {0:?}")]
     Retryable(E),
+    /// Aborted with its outcome unknown: the provider may have done it.
+    /// Retrying is safe when the provider deduplicates on `downstream_key`
+    /// or a reconcile hook looks it up first. Returned for
+    /// [`Failure::OutcomeUnknown`], for a failed reconcile hook, and for a
+    /// [`Failure::Retryable`] that followed an outcome-unknown attempt
+    /// nobody reconciled (the record keeps saying outcome-unknown, and this
+    /// error kind always says what the record says).
+    #[error("outcome unknown (aborted as outcome-unknown): {0:?}")]
+    OutcomeUnknown(E),
     /// Another attempt still holds the key after the in-progress budget.
     #[error("another attempt is still in progress")]
     InProgress,
@@ -153,6 +213,15 @@ pub enum RunError<E> {
     #[error("idemd: {0}")]
     Rpc(Status),
 }
+
+/// How one acquired attempt ends.
+enum Step<E> {
+    Complete { response: Response, reconciled: bool },
+    Abort { reason: &'static str, outcome_unknown: bool, error: E },
+}
+
+/// The reconcile hook of a plain `run_once`: never called.
+type NoReconcile<E> = fn(Attempt) -> std::future::Ready<Result<Option<Response>, E>>;
 
 fn reason(status: &Status) -> Option<String> {
     use tonic_types::StatusExt;
@@ -267,11 +336,82 @@ impl Client {
         }
     }
 
+    async fn abort(&self, key: &str, token: &str, reason: &str, outcome_unknown: bool) {
+        let message = pb::AbortRequest {
+            namespace: self.namespace.clone(),
+            key: key.to_string(),
+            lease_token: token.to_string(),
+            reason: reason.to_string(),
+            outcome_unknown,
+        };
+        // LEASE_LOST or an unreachable idemd: the lease ends by itself, and
+        // an expired lease always counts as outcome-unknown.
+        let _ = self
+            .retrying(|mut grpc| {
+                let request = self.request(message.clone(), self.policy.rpc_timeout);
+                async move { grpc.abort(request).await }
+            })
+            .await;
+    }
+
     /// Runs `operation` at most once per `key` (in this client's namespace)
     /// and returns its response, or the stored response of the attempt that
     /// ran it. See the module documentation for the protocol.
+    ///
+    /// For a provider that deduplicates on `downstream_key`. For one that
+    /// does not, use [`Client::run_once_with_reconcile`].
     pub async fn run_once<F, Fut, E>(&self, key: &str, fingerprint: &[u8], operation: F) -> Result<Done, RunError<E>>
     where
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = Result<Response, Failure<E>>>,
+    {
+        self.run(key, fingerprint, None::<NoReconcile<E>>, operation).await
+    }
+
+    /// [`Client::run_once`] for a provider that does not deduplicate on
+    /// `downstream_key`: when the attempt before this one ended with its
+    /// outcome unknown (`attempt.previous` has `outcome_unknown`: it was
+    /// aborted as [`Failure::OutcomeUnknown`], its lease expired, or an
+    /// operator released it so), `reconcile` runs first, under the lease
+    /// and with heartbeats, and asks the provider what it holds for
+    /// `attempt.downstream_key`:
+    ///
+    /// - `Ok(Some(response))`: the earlier attempt did it. The response is
+    ///   stored with `Complete` (so give a declined card its 402 here) and
+    ///   returned with [`Done::reconciled`]; `operation` does not run.
+    /// - `Ok(None)`: it did not; `operation` runs as usual.
+    /// - `Err(error)`: the question stays open, so the attempt is aborted
+    ///   with `outcome_unknown` still set (the next attempt reconciles again)
+    ///   and the caller gets [`RunError::OutcomeUnknown`].
+    ///
+    /// `reconcile` is not called on attempt 1 or after an attempt that ended
+    /// with nothing done.
+    pub async fn run_once_with_reconcile<R, RFut, F, Fut, E>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        reconcile: R,
+        operation: F,
+    ) -> Result<Done, RunError<E>>
+    where
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<Response>, E>>,
+        F: FnOnce(Attempt) -> Fut,
+        Fut: Future<Output = Result<Response, Failure<E>>>,
+    {
+        self.run(key, fingerprint, Some(reconcile), operation).await
+    }
+
+    async fn run<R, RFut, F, Fut, E>(
+        &self,
+        key: &str,
+        fingerprint: &[u8],
+        reconcile: Option<R>,
+        operation: F,
+    ) -> Result<Done, RunError<E>>
+    where
+        R: FnOnce(Attempt) -> RFut,
+        RFut: Future<Output = Result<Option<Response>, E>>,
         F: FnOnce(Attempt) -> Fut,
         Fut: Future<Output = Result<Response, Failure<E>>>,
     {
@@ -299,30 +439,50 @@ impl Client {
                 Err(status) => return Err(RunError::Rpc(status)),
             }
         };
-        let attempt = Attempt { downstream_key: lease.downstream_key.clone(), attempt: lease.attempt };
+        let attempt = Attempt {
+            downstream_key: lease.downstream_key.clone(),
+            attempt: lease.attempt,
+            previous: lease.previous.as_ref().map(PreviousAttempt::from),
+        };
+        let step = async {
+            // Whether attempt − 1 may have done it and nobody has checked.
+            let mut unresolved = attempt.previous.as_ref().is_some_and(|previous| previous.outcome_unknown);
+            if unresolved && let Some(reconcile) = reconcile {
+                match reconcile(attempt.clone()).await {
+                    Ok(Some(response)) => return Step::Complete { response, reconciled: true },
+                    Ok(None) => unresolved = false,
+                    Err(error) => return Step::Abort { reason: "reconcile failed", outcome_unknown: true, error },
+                }
+            }
+            match operation(attempt).await {
+                Ok(response) | Err(Failure::Final(response)) => Step::Complete { response, reconciled: false },
+                // Nothing happened here, but an unreconciled earlier attempt
+                // may still have: keep the record saying so, or the attempt
+                // after this one would skip its reconcile hook.
+                Err(Failure::Retryable(error)) if unresolved => Step::Abort {
+                    reason: "retryable failure; the previous outcome is unknown",
+                    outcome_unknown: true,
+                    error,
+                },
+                Err(Failure::Retryable(error)) => {
+                    Step::Abort { reason: "retryable failure", outcome_unknown: false, error }
+                }
+                Err(Failure::OutcomeUnknown(error)) => {
+                    Step::Abort { reason: "outcome unknown", outcome_unknown: true, error }
+                }
+            }
+        };
         // Heartbeats live in this future: if the caller is dropped, they stop.
-        let result = tokio::select! {
-            result = operation(attempt) => result,
+        let step = tokio::select! {
+            step = step => step,
             _ = self.heartbeats(key, &lease.lease_token) => unreachable!("heartbeats never end"),
         };
-        let response = match result {
-            Ok(response) | Err(Failure::Final(response)) => response,
-            Err(Failure::Retryable(error)) => {
-                let message = pb::AbortRequest {
-                    namespace: self.namespace.clone(),
-                    key: key.to_string(),
-                    lease_token: lease.lease_token.clone(),
-                    reason: "retryable failure".into(),
-                    outcome_unknown: false,
-                };
-                // LEASE_LOST or an unreachable idemd: the lease ends by itself.
-                let _ = self
-                    .retrying(|mut grpc| {
-                        let request = self.request(message.clone(), self.policy.rpc_timeout);
-                        async move { grpc.abort(request).await }
-                    })
-                    .await;
-                return Err(RunError::Retryable(error));
+        let (response, reconciled) = match step {
+            Step::Complete { response, reconciled } => (response, reconciled),
+            // The caller's error kind says what the record says.
+            Step::Abort { reason, outcome_unknown, error } => {
+                self.abort(key, &lease.lease_token, reason, outcome_unknown).await;
+                return Err(if outcome_unknown { RunError::OutcomeUnknown(error) } else { RunError::Retryable(error) });
             }
         };
         let message = pb::CompleteRequest {
@@ -340,7 +500,7 @@ impl Client {
             })
             .await
         {
-            Ok(_) => Ok(Done { response, replayed: false, attempt: lease.attempt }),
+            Ok(_) => Ok(Done { response, replayed: false, reconciled, attempt: lease.attempt }),
             Err(status) if reason(&status).as_deref() == Some("LEASE_LOST") => {
                 // Another attempt took over: replay its result if it stored one.
                 match self.begin(key, fingerprint, &nonce, self.policy.wait).await {
@@ -357,6 +517,7 @@ fn replay(done: pb::Completed) -> Done {
     Done {
         response: Response { body: done.response, code: done.response_code, content_type: done.content_type },
         replayed: true,
+        reconciled: false,
         attempt: done.attempt,
     }
 }

@@ -9,11 +9,19 @@
  *   to the payment provider as its idempotency key) while the lease is
  *   heartbeated; its `Response` or a thrown `Final` (a deterministic failure
  *   such as a declined card) is stored with Complete and replayed to every
- *   retry; a thrown `Retryable` aborts the lease so a retry runs it again;
+ *   retry; a thrown `Retryable` (nothing happened) aborts the lease so a retry
+ *   runs it again; a thrown `OutcomeUnknown` (a timeout after the request
+ *   left: it may have happened) aborts it with `outcome_unknown`, and the next
+ *   attempt sees that in `attempt.previous`;
  * - in_progress: Begin waits server-side, then retries with backoff and
  *   jitter until the budget runs out.
  * RPCs are retried only on UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number
  * of times, with the same attempt nonce.
+ *
+ * A provider that deduplicates on `downstreamKey` makes a retry after an
+ * unknown outcome safe by itself. For one that does not, pass
+ * `runOnce(key, fp, operation, { reconcile })`: the hook asks the provider
+ * what it holds for the `downstreamKey` before the operation runs again.
  */
 import { createHash, randomBytes } from "crypto";
 import * as path from "path";
@@ -26,6 +34,21 @@ const PROTO_DIR = path.join(__dirname, "..", "proto");
 export interface Attempt {
   downstreamKey: string;
   attempt: number;
+  /** How attempt - 1 ended; undefined on attempt 1. */
+  previous?: PreviousAttempt;
+}
+
+/** How the attempt before this one ended (idemd's `Acquired.previous`). */
+export interface PreviousAttempt {
+  attempt: number;
+  /** "ABORTED_BY_CALLER", "ABORTED_BY_REAPER" (its lease expired) or "ABORTED_BY_OPERATOR". */
+  abortedBy: string;
+  /** "lease expired" for an expired lease, else the reason given. */
+  abortReason: string;
+  /** The side effect may have happened: aborted as `OutcomeUnknown`, released so, or its lease expired. */
+  outcomeUnknown: boolean;
+  /** When it ended (idemd's clock). */
+  endedAt?: Date;
 }
 
 export interface Response {
@@ -38,6 +61,26 @@ export interface Done {
   response: Response;
   replayed: boolean;
   attempt: number;
+  /** True when the reconcile hook found an earlier attempt's result at the provider (now stored); nothing ran. */
+  reconciled: boolean;
+}
+
+/**
+ * Asks a provider that does not deduplicate on `downstreamKey` what it holds
+ * for `attempt.downstreamKey`: its result (or a thrown `Final`), or
+ * undefined/null when it holds nothing.
+ */
+export type Reconcile = (attempt: Attempt) => Promise<Response | undefined | null>;
+
+export interface RunOptions {
+  /**
+   * Called before the operation when the previous attempt's outcome is
+   * unknown (`attempt.previous.outcomeUnknown`). A result is stored with
+   * Complete and returned with `reconciled: true`, and the operation does not
+   * run; none runs the operation; a throw aborts the attempt with
+   * `outcome_unknown` still set and rejects with `OutcomeUnknownFailure`.
+   */
+  reconcile?: Reconcile;
 }
 
 /** Throw from the operation for a deterministic failure: stored and replayed. */
@@ -47,11 +90,31 @@ export class Final extends Error {
   }
 }
 
-/** Throw from the operation for a transient failure: the lease is aborted. */
+/** Throw from the operation when nothing happened (503, connection refused): the lease is aborted. */
 export class Retryable extends Error {}
+
+/**
+ * Throw from the operation when it may or may not have happened (a timeout
+ * after the request left): the lease is aborted with `outcome_unknown`, so the
+ * next attempt's `previous` says so and its reconcile hook runs first.
+ */
+export class OutcomeUnknown extends Error {
+  override name = "OutcomeUnknown";
+}
 
 /** The operation failed transiently and was aborted; retry later. */
 export class RetryableFailure extends Error {}
+/**
+ * Aborted with its outcome unknown: the provider may have done it. Thrown for
+ * `OutcomeUnknown`, for a reconcile hook that threw, and for a `Retryable`
+ * that followed an outcome-unknown attempt nobody reconciled (the record keeps
+ * saying outcome-unknown; this error always says what the record says).
+ * Retrying is safe when the provider deduplicates on `downstreamKey` or a
+ * reconcile hook looks it up first. `cause` is what was thrown.
+ */
+export class OutcomeUnknownFailure extends Error {
+  override name = "OutcomeUnknownFailure";
+}
 /** Another attempt still holds the key after the in-progress budget. */
 export class InProgressError extends Error {}
 /** The key was first used with a different request. */
@@ -218,7 +281,62 @@ export class Client {
     );
   }
 
-  async runOnce(key: string, fp: Buffer, operation: (attempt: Attempt) => Promise<Response>): Promise<Done> {
+  private async abort(key: string, token: string, reason: string, outcomeUnknown: boolean): Promise<void> {
+    await this.call(
+      "Abort",
+      { namespace: this.namespace, key, lease_token: token, reason, outcome_unknown: outcomeUnknown },
+      this.options.rpcTimeoutMs,
+    ).catch(() => undefined); // LEASE_LOST or unreachable: the lease ends by itself, as outcome-unknown
+  }
+
+  /** The provider's result for an earlier attempt, or null; a throw is an OutcomeUnknownFailure (aborted). */
+  private async reconcile(hook: Reconcile, attempt: Attempt, key: string, token: string): Promise<Response | null> {
+    try {
+      return (await hook(attempt)) ?? null;
+    } catch (error) {
+      if (error instanceof Final) return error.response;
+      await this.abort(key, token, "reconcile failed", true);
+      throw new OutcomeUnknownFailure(String(error), { cause: error });
+    }
+  }
+
+  /** Runs the operation; a failure other than Final is aborted and thrown as the caller's error kind. */
+  private async operate(
+    operation: (attempt: Attempt) => Promise<Response>,
+    attempt: Attempt,
+    unresolved: boolean,
+    key: string,
+    token: string,
+  ): Promise<Response> {
+    try {
+      return await operation(attempt);
+    } catch (error) {
+      if (error instanceof Final) return error.response;
+      if (error instanceof Retryable && unresolved) {
+        // Nothing happened here, but an unreconciled earlier attempt may
+        // still have: keep the record saying so, or the attempt after this
+        // one would skip its reconcile hook.
+        await this.abort(key, token, "retryable failure; the previous outcome is unknown", true);
+        throw new OutcomeUnknownFailure(error.message, { cause: error });
+      }
+      if (error instanceof Retryable) {
+        await this.abort(key, token, "retryable failure", false);
+        throw new RetryableFailure(error.message);
+      }
+      if (error instanceof OutcomeUnknown) {
+        await this.abort(key, token, "outcome unknown", true);
+        throw new OutcomeUnknownFailure(error.message, { cause: error });
+      }
+      throw error;
+    }
+  }
+
+  async runOnce(
+    key: string,
+    fp: Buffer,
+    operation: (attempt: Attempt) => Promise<Response>,
+    options: RunOptions = {},
+  ): Promise<Done> {
     const nonce = randomBytes(16).toString("hex");
     const giveUp = Date.now() + this.options.inProgressBudgetMs;
     let lease: any;
@@ -240,6 +358,10 @@ export class Client {
       await sleep(jitter(Number(hint?.seconds ?? 0) * 1000 + (hint?.nanos ?? 0) / 1e6 || 200));
     }
 
+    const attempt: Attempt = { downstreamKey: lease.downstream_key, attempt: lease.attempt };
+    if (lease.previous) attempt.previous = previousOf(lease.previous);
+    // Whether attempt - 1 may have done it and nobody has checked.
+    const unresolved = attempt.previous?.outcomeUnknown ?? false;
     const every = this.options.leaseTtlMs / 3;
     const heartbeat = setInterval(() => {
       this.call(
@@ -249,23 +371,13 @@ export class Client {
       ).catch(() => undefined); // a lost lease shows at Complete
     }, every);
     let response: Response;
+    let reconciled: boolean;
     try {
-      response = await operation({ downstreamKey: lease.downstream_key, attempt: lease.attempt });
-    } catch (error) {
-      if (error instanceof Final) {
-        response = error.response;
-      } else if (error instanceof Retryable) {
-        clearInterval(heartbeat);
-        await this.call(
-          "Abort",
-          { namespace: this.namespace, key, lease_token: lease.lease_token, reason: "retryable failure" },
-          this.options.rpcTimeoutMs,
-        ).catch(() => undefined); // LEASE_LOST or unreachable: the lease ends by itself
-        throw new RetryableFailure(error.message);
-      } else {
-        clearInterval(heartbeat);
-        throw error;
-      }
+      const hook = unresolved ? options.reconcile : undefined;
+      const found = hook ? await this.reconcile(hook, attempt, key, lease.lease_token) : null;
+      reconciled = found !== null;
+      // A hook that found nothing settled the earlier attempt's outcome.
+      response = found ?? (await this.operate(operation, attempt, unresolved && !hook, key, lease.lease_token));
     } finally {
       clearInterval(heartbeat);
     }
@@ -288,7 +400,7 @@ export class Client {
       if (again.outcome === "completed") return replay(again.completed);
       throw new LeaseLostError(key);
     }
-    return { response, replayed: false, attempt: lease.attempt };
+    return { response, replayed: false, attempt: lease.attempt, reconciled };
   }
 }
 
@@ -297,5 +409,19 @@ function replay(completed: any): Done {
     response: { body: Buffer.from(completed.response), code: completed.response_code, contentType: completed.content_type },
     replayed: true,
     attempt: completed.attempt,
+    reconciled: false,
+  };
+}
+
+function previousOf(previous: any): PreviousAttempt {
+  const endedAt = previous.ended_at
+    ? new Date(Number(previous.ended_at.seconds) * 1000 + Math.floor((previous.ended_at.nanos ?? 0) / 1e6))
+    : undefined;
+  return {
+    attempt: previous.attempt,
+    abortedBy: previous.aborted_by,
+    abortReason: previous.abort_reason,
+    outcomeUnknown: previous.outcome_unknown,
+    ...(endedAt ? { endedAt } : {}),
   };
 }
