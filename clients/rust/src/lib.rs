@@ -40,7 +40,7 @@ use crate::pb::{begin_response::Outcome, idempotency_client::IdempotencyClient};
 /// Code generated from `proto/idemd/v1/idempotency.proto` (client side).
 pub mod pb {
     // The proto's comments are prose, not HTML ("subject:<CN or URI SAN>").
-    #![allow(clippy::all, missing_docs, rustdoc::invalid_html_tags)]
+    #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("idemd.v1");
 
     /// A std duration as a protobuf Duration (saturating).
