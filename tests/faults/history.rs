@@ -94,6 +94,39 @@ pub struct FinalRow {
     pub attempt: u32,
     pub response: Option<Vec<u8>>,
     pub rows: i64,
+    pub outcome_unknown: bool,
+    /// The key's events as the database keeps them, oldest first:
+    /// (kind, attempt, outcome_unknown).
+    pub events: Vec<(i16, u32, bool)>,
+}
+
+/// What a key's events say its record is, replayed in order: (state,
+/// attempt, outcome_unknown), or the first event that cannot follow the
+/// ones before it.
+pub fn replay(events: &[(i16, u32, bool)]) -> Result<Option<(i16, u32, bool)>, String> {
+    const IN_PROGRESS: i16 = 1;
+    const COMPLETED: i16 = 2;
+    const ABORTED: i16 = 3;
+    let mut record: Option<(i16, u32, bool)> = None;
+    for (index, &(kind, attempt, unknown)) in events.iter().enumerate() {
+        record = match (kind, record) {
+            // ACQUIRED: a new record, or the next attempt of an aborted one.
+            // (A record that expired, or was invalidated, starts again at 1.)
+            (1, _) if attempt == 1 => Some((IN_PROGRESS, 1, false)),
+            (1, Some((ABORTED, current, _))) if attempt == current + 1 => Some((IN_PROGRESS, attempt, false)),
+            // COMPLETED by the holder; RESOLVED by an operator.
+            (2, Some((IN_PROGRESS, current, _))) | (6, Some((IN_PROGRESS | ABORTED, current, _)))
+                if attempt == current =>
+            {
+                Some((COMPLETED, attempt, false))
+            }
+            // ABORTED, REAPED, RELEASED.
+            (3..=5, Some((IN_PROGRESS, current, _))) if attempt == current => Some((ABORTED, attempt, unknown)),
+            (7, Some(_)) => None,
+            _ => return Err(format!("event {index} (kind {kind}, attempt {attempt}) cannot follow {record:?}")),
+        };
+    }
+    Ok(record)
 }
 
 pub struct Invariant {
@@ -391,7 +424,18 @@ pub fn check(
         }
     }
 
-    Checked { invariants: vec![chain, superseded, replays, durable, outage, recovery, reaped_once] }
+    let mut history = Invariant::new("8. each key's history replays to its final record");
+    for (key, row) in final_rows {
+        history.checked += 1;
+        let want = Some((row.state, row.attempt, row.outcome_unknown));
+        match replay(&row.events) {
+            Ok(replayed) if replayed == want => {}
+            Ok(replayed) => history.violations.push(format!("{key}: history says {replayed:?}, record {want:?}")),
+            Err(problem) => history.violations.push(format!("{key}: {problem}")),
+        }
+    }
+
+    Checked { invariants: vec![chain, superseded, replays, durable, outage, recovery, reaped_once, history] }
 }
 
 #[cfg(test)]
@@ -418,7 +462,17 @@ mod tests {
     }
 
     fn row(state: i16, attempt: u32, response: Option<&[u8]>) -> FinalRow {
-        FinalRow { state, attempt, response: response.map(<[u8]>::to_vec), rows: 1 }
+        // The history that leads to this row: aborted attempts, then the last one.
+        let mut events = vec![(1, 1, false)];
+        for earlier in 1..attempt {
+            events.extend([(3, earlier, false), (1, earlier + 1, false)]);
+        }
+        match state {
+            2 => events.push((2, attempt, false)),
+            3 => events.push((3, attempt, false)),
+            _ => {}
+        }
+        FinalRow { state, attempt, response: response.map(<[u8]>::to_vec), rows: 1, outcome_unknown: false, events }
     }
 
     fn violations(
@@ -444,7 +498,7 @@ mod tests {
             complete("k", 300, "t2", b"ok"),
             event("k", 400, 401, Call::Begin, Answer::Completed { response: b"ok".to_vec() }),
         ];
-        assert_eq!(violations(&events, &[("k", row(2, 2, Some(b"ok")))], &[], &[]), vec![0; 7]);
+        assert_eq!(violations(&events, &[("k", row(2, 2, Some(b"ok")))], &[], &[]), vec![0; 8]);
     }
 
     #[test]
@@ -483,5 +537,15 @@ mod tests {
     fn a_lease_reaped_twice_is_caught() {
         let reaped = [("k".to_string(), 1), ("k".to_string(), 1)];
         assert_eq!(violations(&[], &[], &[], &reaped)[6], 1);
+    }
+
+    #[test]
+    fn a_history_replays_to_its_record_or_names_the_event_that_cannot_be() {
+        let crashed_then_completed = [(1, 1, false), (4, 1, true), (1, 2, false), (2, 2, false)];
+        assert_eq!(replay(&crashed_then_completed), Ok(Some((2, 2, false))));
+        assert_eq!(replay(&[(1, 1, false), (3, 1, true)]), Ok(Some((3, 1, true))));
+        assert!(replay(&[(1, 1, false), (2, 1, false), (3, 1, false)]).is_err(), "an abort after the completion");
+        assert!(replay(&[(1, 1, false), (1, 2, false)]).is_err(), "an acquisition over a live attempt");
+        assert!(replay(&[(2, 1, false)]).is_err(), "a completion without its acquisition");
     }
 }

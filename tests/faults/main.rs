@@ -370,18 +370,35 @@ async fn finish(
     let mut final_rows = HashMap::new();
     {
         let mut connection = sqlx::PgConnection::connect(database_url).await.expect("connect");
-        let rows = sqlx::query("SELECT key, state, attempt, response FROM idemd_records WHERE namespace = $1")
-            .bind(NAMESPACE)
-            .fetch_all(&mut connection)
-            .await
-            .expect("final rows");
+        let rows = sqlx::query(
+            "SELECT key, state, attempt, response, outcome_unknown AND state = 3 AS outcome_unknown, \
+                    (SELECT coalesce(array_agg(e.kind ORDER BY e.seq), '{}') FROM idemd_events e \
+                     WHERE e.namespace = r.namespace AND e.key = r.key) AS kinds, \
+                    (SELECT coalesce(array_agg(e.attempt ORDER BY e.seq), '{}') FROM idemd_events e \
+                     WHERE e.namespace = r.namespace AND e.key = r.key) AS attempts, \
+                    (SELECT coalesce(array_agg(e.outcome_unknown ORDER BY e.seq), '{}') FROM idemd_events e \
+                     WHERE e.namespace = r.namespace AND e.key = r.key) AS unknowns \
+             FROM idemd_records r WHERE namespace = $1",
+        )
+        .bind(NAMESPACE)
+        .fetch_all(&mut connection)
+        .await
+        .expect("final rows");
         for row in rows {
             let key: String = row.get("key");
             let attempt: i32 = row.get("attempt");
-            let previous = final_rows.insert(
-                key.clone(),
-                FinalRow { state: row.get("state"), attempt: attempt as u32, response: row.get("response"), rows: 1 },
-            );
+            let (kinds, attempts, unknowns): (Vec<i16>, Vec<i32>, Vec<bool>) =
+                (row.get("kinds"), row.get("attempts"), row.get("unknowns"));
+            let events = kinds.into_iter().zip(attempts).zip(unknowns).map(|((k, a), u)| (k, a as u32, u)).collect();
+            let final_row = FinalRow {
+                state: row.get("state"),
+                attempt: attempt as u32,
+                response: row.get("response"),
+                rows: 1,
+                outcome_unknown: row.get("outcome_unknown"),
+                events,
+            };
+            let previous = final_rows.insert(key.clone(), final_row);
             if let Some(previous) = previous {
                 // Impossible with the primary key; counted so the checker would say so.
                 final_rows.entry(key).and_modify(|row| row.rows = previous.rows + 1);
