@@ -13,7 +13,7 @@ use crate::helpers::*;
 async fn liveness_and_readiness_are_serving(backend: Backend) {
     let app = spawn_app(backend).await;
     let mut health = app.health();
-    for service in ["", pb::SERVICE_NAME] {
+    for service in ["", pb::SERVICE_NAME, pb::ADMIN_SERVICE_NAME] {
         let status = health
             .check(HealthCheckRequest { service: service.into() })
             .await
@@ -44,6 +44,7 @@ async fn reflection_lists_the_services_v1_and_v1alpha(backend: Backend) {
         };
         let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.contains(&pb::SERVICE_NAME.to_string()), "{names:?}");
+        assert!(names.contains(&pb::ADMIN_SERVICE_NAME.to_string()), "{names:?}");
         assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
     }
     {
