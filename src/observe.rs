@@ -140,6 +140,17 @@ fn admin_action(method: &'static str) -> Option<&'static str> {
     }
 }
 
+/// Each RPC of a service: a span and metrics around `$self.$inner(&call,
+/// request)`, one answer. The service has a `metrics` field.
+macro_rules! observed {
+    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
+        let call = $crate::observe::RpcCall::start($method, &$request, &$self.metrics);
+        let result = tracing::Instrument::instrument($self.$inner(&call, $request), call.span().clone()).await;
+        call.finish(result)
+    }};
+}
+pub(crate) use observed;
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;

@@ -21,7 +21,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::limits::{RateLimiter, WaiterLimits};
 use crate::metrics::Metrics;
-use crate::observe::{Reply, RpcCall};
+use crate::observe::{Reply, RpcCall, observed};
 use crate::pb;
 use crate::store::Store;
 use crate::telemetry::traced_span;
@@ -464,15 +464,6 @@ impl<S: Store> IdempotencyService<S> {
             attempt: Some(attempt),
         })
     }
-}
-
-/// Each RPC: a span and metrics around the call, one answer.
-macro_rules! observed {
-    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
-        let call = RpcCall::start($method, &$request, &$self.metrics);
-        let result = $self.$inner(&call, $request).instrument(call.span().clone()).await;
-        call.finish(result)
-    }};
 }
 
 #[tonic::async_trait]

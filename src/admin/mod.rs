@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::auth::Principal;
 use crate::deadline::Deadline;
@@ -19,7 +18,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::observe::{Reply, RpcCall};
+use crate::observe::{Reply, RpcCall, observed};
 use crate::operator::{
     Cursor, DEFAULT_PAGE_SIZE, InvalidateRequest, ListQuery, MAX_PAGE_SIZE, ReleaseRequest, ResolveRequest,
 };
@@ -300,15 +299,6 @@ fn list_query(message: pb::ListRecordsRequest) -> Result<(Namespace, ListQuery)>
         query.after = Some(page_token::redeem(&query, &message.page_token)?);
     }
     Ok((namespace, query))
-}
-
-/// Each RPC: a span and metrics around the call, one answer.
-macro_rules! observed {
-    ($self:ident, $method:literal, $inner:ident, $request:ident) => {{
-        let call = RpcCall::start($method, &$request, &$self.metrics);
-        let result = $self.$inner(&call, $request).instrument(call.span().clone()).await;
-        call.finish(result)
-    }};
 }
 
 #[tonic::async_trait]
