@@ -32,8 +32,8 @@ SELECT 'payments', 'order-' || i,
        CASE WHEN i % 100 < 97 THEN 201 END, 'application/json',
        CASE WHEN i % 100 IN (97, 98) THEN 'provider timeout' END,
        CASE WHEN i % 100 IN (97, 98) THEN 1 END, i % 100 IN (97, 98)
-FROM (SELECT i, now() - (random() * interval '24 hours') AS t FROM generate_series(1, $n) AS i) AS s;
-VACUUM ANALYZE idemd_records;"
+FROM (SELECT i, now() - (random() * interval '24 hours') AS t FROM generate_series(1, $n) AS i) AS s;"
+psql_ -c "VACUUM ANALYZE idemd_records;"
 
 plan() { log "$1"; psql_ -c "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) $2"; }
 columns="namespace, key, state, attempt, fingerprint, downstream_key, created_at, updated_at, lease_expires_at,

@@ -565,6 +565,7 @@ crate::both_stores!(
     resolve_wakes_a_parked_waiter_with_the_outcome,
     invalidate_removes_the_record_and_keeps_its_history,
     operators_racing_callers_have_one_winner,
+    history_is_purged_with_its_record,
 );
 
 // ---- permissions: auth on (tokens with names and admin grants), and off ----
@@ -669,4 +670,73 @@ async fn with_auth_off_admin_answers_loopback_callers_only() {
     let channel = tonic::transport::Channel::from_shared(local).expect("uri").connect().await.expect("connect");
     pb::admin_client::AdminClient::new(channel).list_records(list_req()).await.expect("loopback");
     server.terminate().await;
+}
+
+async fn history_is_purged_with_its_record(backend: Backend) {
+    let app = spawn_app_with(backend, |c| {
+        c.min_retention = Duration::from_secs(1);
+        c.purge_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut short = begin_req("short");
+    short.retention = secs(1);
+    short.lease_ttl = secs(1);
+    let acquired = app.acquire(short).await;
+    app.complete("short", &acquired.lease_token, b"ok").await.expect("complete");
+    let kept = app.acquire(begin_req("kept")).await;
+    app.complete("kept", &kept.lease_token, b"ok").await.expect("complete");
+    assert_eq!(app.history("short").await.expect("history").len(), 2);
+
+    eventually("the purger deletes the record and its history", Duration::from_secs(10), || async {
+        (app.row_count(NS, "short").await == 0).then_some(())
+    })
+    .await;
+    let status = app.history("short").await.expect_err("purged");
+    assert_error(&status, Code::NotFound, "NOT_FOUND");
+    assert_eq!(event_rows(&app, "short").await, 0, "no event outlives its record");
+    assert_eq!(app.history("kept").await.expect("kept").len(), 2);
+}
+
+/// Events of a key left in the table, read straight from the database.
+async fn event_rows(app: &TestApp, key: &str) -> i64 {
+    use sqlx::Connection;
+    let sql = "SELECT COUNT(*) FROM idemd_events WHERE namespace = $1 AND key = $2";
+    match app.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&app.database_url).await.expect("connect");
+            sqlx::query_scalar(sql).bind(NS).bind(key).fetch_one(&mut c).await.expect("count")
+        }
+        _ => {
+            let mut c = sqlx::PgConnection::connect(&app.database_url).await.expect("connect");
+            sqlx::query_scalar(sql).bind(NS).bind(key).fetch_one(&mut c).await.expect("count")
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_admin_action_is_logged_at_warn_without_the_response() {
+    let server = Binary::start(&[], &[]);
+    let channel = tonic::transport::Channel::from_shared(server.url()).expect("uri").connect().await.expect("connect");
+    let mut client = pb::idempotency_client::IdempotencyClient::new(channel.clone());
+    let Some(Outcome::Acquired(acquired)) =
+        client.begin(begin_req("logged")).await.expect("begin").into_inner().outcome
+    else {
+        panic!("acquired")
+    };
+    let abort = pb::AbortRequest {
+        namespace: NS.into(),
+        key: "logged".into(),
+        lease_token: acquired.lease_token,
+        reason: "timeout".into(),
+        outcome_unknown: true,
+    };
+    client.abort(abort).await.expect("abort");
+    let resolve = pb::ResolveRequest { response: b"card-number-4242".to_vec(), ..resolve_req("logged", 1) };
+    pb::admin_client::AdminClient::new(channel).resolve(resolve).await.expect("resolve");
+    let line = server.wait_for_log("admin action", Duration::from_secs(10));
+    assert!(line.contains("WARN"), "{line}");
+    for part in ["admin.action=\"resolve\"", "idemd.namespace=\"payments\"", "idemd.key=\"logged\"", "ch_1 exists"] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    assert!(!line.contains("card-number"), "the response must never be logged: {line}");
 }

@@ -113,9 +113,16 @@ async fn mtls_needs_a_client_certificate_from_the_client_ca() {
 async fn an_mtls_subject_stands_for_a_token() {
     let dir = tempfile::tempdir().expect("dir");
     let (server_ca, client_ca) = (Ca::new("server ca"), Ca::new("client ca"));
-    let tokens = write(dir.path(), "tokens", "subject:probe-client payments\nsubject:spiffe://prod/refunds refunds\n");
+    let tokens = write(
+        dir.path(),
+        "tokens",
+        "subject:probe-client payments,admin:payments\nsubject:spiffe://prod/refunds refunds\n",
+    );
     let app = tls_app(dir.path(), &server_ca, Some(&client_ca), |c| c.auth_tokens_file = Some(tokens)).await;
     app.acquire(begin_req("by-cn")).await;
+    // A certificate without a name= is its subject in the history.
+    let events = app.history("by-cn").await.expect("history");
+    assert_eq!(events.iter().map(|e| e.principal.as_str()).collect::<Vec<_>>(), ["subject:probe-client"]);
     let mut refunds = begin_req("k");
     refunds.namespace = "refunds".into();
     assert_error(
