@@ -40,6 +40,18 @@ func TestUnclassifiedErrorNeverLeavesTheLeaseHeld(t *testing.T) {
 		t.Fatalf("the cause is lost: %v", err)
 	}
 	assertAbortedAsUnknown(t, key)
+
+	// A provider's own gRPC error is the operation's cause, not idemd's code.
+	key = newKey(t)
+	_, err = client.RunOnce(context.Background(), key, fp("1000"), func(ctx context.Context, attempt idemd.Attempt) (idemd.Response, error) {
+		return idemd.Response{}, status.Error(codes.Unavailable, "provider: connection reset")
+	})
+	assertOnlyKind(t, err, idemd.ErrOutcomeUnknown)
+	var e *idemd.Error
+	if errors.As(err, &e); e.Code != codes.OK || e.Reason != "" || status.Code(err) != codes.Unavailable {
+		t.Fatalf("error %+v", e)
+	}
+	assertAbortedAsUnknown(t, key)
 }
 
 func TestPanicNeverLeavesTheLeaseHeld(t *testing.T) {

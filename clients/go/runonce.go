@@ -152,7 +152,7 @@ func (c *Client) RunOnce(ctx context.Context, key string, fingerprint []byte, op
 			return finish(&s, key, done)
 		}
 		if losses >= leaseLosses {
-			return Done{}, failure(ctx, ErrLeaseLost, key, lease.GetAttempt(), lost)
+			return Done{}, rpcFailure(ctx, ErrLeaseLost, key, lease.GetAttempt(), lost)
 		}
 	}
 }
@@ -166,9 +166,11 @@ func finish(s *settings, key string, done Done) (Done, error) {
 	return done, nil
 }
 
-// failure builds the *Error of a kind, taking idemd's code and reason from
-// a gRPC error and the context's error when it ended first.
-func failure(ctx context.Context, kind Kind, key string, attempt uint32, cause error) *Error {
+// rpcFailure is the *Error of a kind caused by an idemd RPC's error, with
+// idemd's code and reason, and the context's error when it ended first.
+// (Only idemd's errors: an operation's error may carry a gRPC status of the
+// provider's, which is not idemd's code.)
+func rpcFailure(ctx context.Context, kind Kind, key string, attempt uint32, cause error) *Error {
 	e := &Error{Kind: kind, Key: key, Attempt: attempt, Err: cause}
 	if st, ok := status.FromError(cause); ok && cause != nil {
 		e.Code, e.Reason = st.Code(), reason(cause)
@@ -216,7 +218,7 @@ func (c *Client) acquire(ctx context.Context, s *settings, key string, fingerpri
 			case status.Code(err) == codes.InvalidArgument:
 				kind = ErrInvalidArgument
 			}
-			return nil, nil, failure(ctx, kind, key, 0, err)
+			return nil, nil, rpcFailure(ctx, kind, key, 0, err)
 		}
 		switch outcome := response.GetOutcome().(type) {
 		case *pb.BeginResponse_Acquired:
@@ -259,13 +261,19 @@ type ending struct {
 	cause          error
 }
 
-func aborting(reason string, outcomeUnknown bool, cause error) ending {
+func aborting(reason string, unknown bool, cause error) ending {
+	switch marker := cause.(type) {
+	case *retryable:
+		cause = marker.err
+	case *outcomeUnknown:
+		cause = marker.err
+	}
 	kind := ErrRetryable
-	if outcomeUnknown {
+	if unknown {
 		// The caller's error kind always says what the record says.
 		kind = ErrOutcomeUnknown
 	}
-	return ending{reason: reason, outcomeUnknown: outcomeUnknown, kind: kind, cause: cause}
+	return ending{reason: reason, outcomeUnknown: unknown, kind: kind, cause: cause}
 }
 
 // runAttempt runs one acquired attempt and ends its lease. lost is the
@@ -318,7 +326,7 @@ func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease 
 
 	if end.complete == nil {
 		c.abort(detached, s, key, token, end.reason, end.outcomeUnknown)
-		return Done{}, nil, failure(ctx, end.kind, key, attempt.Number, end.cause)
+		return Done{}, nil, &Error{Kind: end.kind, Key: key, Attempt: attempt.Number, Err: end.cause}
 	}
 	response := *end.complete
 	if check := validateResponse(response); check != nil {
@@ -343,7 +351,7 @@ func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease 
 		// It happened (or the provider holds it) but is not stored: end the
 		// lease as outcome-unknown so the next attempt reconciles.
 		c.abort(detached, s, key, token, "the outcome could not be stored", true)
-		return Done{}, nil, failure(ctx, ErrOutcomeUnknown, key, attempt.Number, err)
+		return Done{}, nil, rpcFailure(ctx, ErrOutcomeUnknown, key, attempt.Number, err)
 	}
 }
 
