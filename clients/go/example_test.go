@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	idemd "github.com/idemd/idemd/clients/go"
 )
@@ -148,7 +149,8 @@ func Example_reconcile() {
 	}
 	defer client.Close()
 	ctx := context.Background()
-	key := idemd.EntityKey("order-44", "charge")
+	// A new order on every run of the example (go test -count).
+	key := idemd.EntityKey(fmt.Sprintf("order-%d", time.Now().UnixNano()), "charge")
 	fp := idemd.Fingerprint(map[string]string{"amount": "1000", "currency": "EUR"})
 	charge := func(ctx context.Context, attempt idemd.Attempt) (idemd.Response, error) {
 		if attempt.Number > 1 {
