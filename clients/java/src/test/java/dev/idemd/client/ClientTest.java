@@ -22,8 +22,10 @@ import java.util.concurrent.atomic.AtomicInteger;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.condition.EnabledIf;
 
 /** What the helper promises beyond the shared scenarios, against a real idemd. */
+@EnabledIf(value = "dev.idemd.client.IdemdServer#available", disabledReason = "IDEMD_BIN is not set")
 class ClientTest {
   private static final String NAMESPACE = "payments";
   private static final byte[] FINGERPRINT = Keys.fingerprint(Map.of("amount", "1000"));

@@ -45,11 +45,13 @@ import java.util.concurrent.atomic.AtomicReference;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.condition.EnabledIf;
 
 /**
  * One test per scenario of clients/testdata/conformance.json (the vectors scenario is in
  * {@link VectorsTest}), against a real idemd.
  */
+@EnabledIf(value = "dev.idemd.client.IdemdServer#available", disabledReason = "IDEMD_BIN is not set")
 class ConformanceTest {
   private static final String NAMESPACE = "payments";
   private static final byte[] FINGERPRINT = Keys.fingerprint(Map.of("amount", "1000", "currency", "EUR"));

@@ -15,6 +15,7 @@ import io.grpc.ManagedChannel;
 import java.io.BufferedReader;
 import java.io.IOException;
 import java.io.InputStreamReader;
+import java.io.UncheckedIOException;
 import java.net.ServerSocket;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
@@ -27,12 +28,11 @@ import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.stream.Collectors;
 import java.util.stream.Stream;
-import org.junit.jupiter.api.Assumptions;
 
 /**
  * A real idemd for the tests: the binary named by IDEMD_BIN on a free loopback port with a fresh
  * SQLite database. Without IDEMD_BIN the tests that need it are skipped (a copy of clients/java builds
- * with plain {@code mvn install}), unless -Didemd.requireServer=true, as scripts/test passes.
+ * with plain {@code mvn install}), unless -Didemd.requireServer=true, which scripts/test passes.
  */
 final class IdemdServer implements AutoCloseable {
   final String address;
@@ -50,13 +50,10 @@ final class IdemdServer implements AutoCloseable {
   }
 
   static IdemdServer start() throws IOException, InterruptedException {
-    String bin = System.getenv("IDEMD_BIN");
-    if (bin == null || bin.isEmpty()) {
-      if (Boolean.getBoolean("idemd.requireServer")) {
-        fail("IDEMD_BIN is not set: point it at a built idemd binary");
-      }
-      Assumptions.abort("IDEMD_BIN is not set: the tests against a real idemd are skipped");
+    if (!available()) {
+      fail("IDEMD_BIN is not set");
     }
+    String bin = System.getenv("IDEMD_BIN");
     if (!Files.isExecutable(Path.of(bin))) {
       fail("IDEMD_BIN=" + bin + " is not an executable file");
     }
@@ -91,6 +88,21 @@ final class IdemdServer implements AutoCloseable {
       fail("idemd did not log 'idemd listening' within 30 s:\n" + server.log());
     }
     return server;
+  }
+
+  /**
+   * Whether the tests against a real idemd can run (the condition of their {@code @EnabledIf}, so a
+   * build without IDEMD_BIN reports each of them as skipped).
+   */
+  static boolean available() {
+    String bin = System.getenv("IDEMD_BIN");
+    if (bin != null && !bin.isEmpty()) {
+      return true;
+    }
+    if (Boolean.getBoolean("idemd.requireServer")) {
+      throw new IllegalStateException("IDEMD_BIN is not set: point it at a built idemd binary");
+    }
+    return false;
   }
 
   /** A key no other test uses. */
@@ -131,20 +143,27 @@ final class IdemdServer implements AutoCloseable {
 
   /** Stops the server and removes its database; a second call does nothing. */
   @Override
-  public synchronized void close() throws IOException, InterruptedException {
+  public synchronized void close() {
     if (closed) {
       return;
     }
     closed = true;
     channel.shutdownNow();
     process.destroy();
-    if (!process.waitFor(10, TimeUnit.SECONDS)) {
-      process.destroyForcibly().waitFor();
+    try {
+      if (!process.waitFor(10, TimeUnit.SECONDS)) {
+        process.destroyForcibly().waitFor();
+      }
+    } catch (InterruptedException e) {
+      process.destroyForcibly();
+      Thread.currentThread().interrupt();
     }
     try (Stream<Path> files = Files.walk(dir)) {
       for (Path file : files.sorted(Comparator.reverseOrder()).collect(Collectors.toList())) {
         Files.deleteIfExists(file);
       }
+    } catch (IOException e) {
+      throw new UncheckedIOException(e);
     }
   }
 }
