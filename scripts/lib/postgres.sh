@@ -4,7 +4,8 @@
 # Sets: bindir, pg_user, root, as_pg(); exports IDEMD_TEST_PG_BINDIR,
 # IDEMD_TEST_PG_USER and IDEMD_TEST_TMP for tests that run clusters of their own.
 
-log() { printf '==> %s\n' "$*" >&2; }
+# Each line says how long the script has run: where CI's time goes.
+log() { printf '==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
