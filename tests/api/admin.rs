@@ -409,6 +409,44 @@ async fn release_ends_the_holders_attempt_and_a_waiter_acquires(backend: Backend
     assert_eq!(kinds(&events), [(Acquired as i32, 1), (Released as i32, 1), (Acquired as i32, 2)]);
 }
 
+// Through a transaction pooler without LISTEN no transition wakes a waiter:
+// it re-checks every 250 ms and would take the expired lease over itself
+// before the Resolve (the Release test covers that backend).
+mod resolve_wakes {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::resolve_wakes_a_parked_waiter_with_the_outcome(crate::helpers::Backend::Sqlite).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::resolve_wakes_a_parked_waiter_with_the_outcome(crate::helpers::Backend::Postgres).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_batched() {
+        super::resolve_wakes_a_parked_waiter_with_the_outcome(crate::helpers::Backend::PostgresBatched).await
+    }
+}
+
+/// Moves the key's lease end to `ms` milliseconds from now (database clock).
+async fn expire_lease_soon(app: &TestApp, key: &str, ms: u64) {
+    let sql = match app.backend {
+        Backend::Sqlite => format!(
+            "UPDATE idemd_records SET lease_expires_at = CAST(unixepoch('subsec') * 1000000 AS INTEGER) + {ms}000 \
+             WHERE key = '{key}'"
+        ),
+        _ => format!(
+            "UPDATE idemd_records SET lease_expires_at = now() + interval '{ms} milliseconds' WHERE key = '{key}'"
+        ),
+    };
+    app.execute_sql(&sql).await;
+}
+
+/// The ErrorInfo reason of an idemd error.
+fn reason_of(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|info| info.reason).unwrap_or_default()
+}
+
 /// Makes the key's live lease look expired to the database, without any
 /// transition: a waiter parked on it still sleeps until its own timer, so
 /// only the operator's action can wake it.
@@ -435,7 +473,25 @@ async fn resolve_wakes_a_parked_waiter_with_the_outcome(backend: Backend) {
             (outcome, started.elapsed())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Parked, and (Postgres) its mark on the attempt made: from here only a
+    // transition's wake-up or its own timer (the lease's end, a minute
+    // away) moves it.
+    eventually("the waiter parks", Duration::from_secs(10), || async {
+        (scrape(app.metrics_addr).await.get("idemd_waiters").copied() == Some(1.0)).then_some(())
+    })
+    .await;
+    if app.backend != Backend::Sqlite {
+        eventually("the waiter marks the attempt", Duration::from_secs(10), || async {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&app.database_url).await.ok()?;
+            let marked: bool = sqlx::query_scalar("SELECT waiters FROM idemd_records WHERE key = 'parked'")
+                .fetch_one(&mut c)
+                .await
+                .ok()?;
+            marked.then_some(())
+        })
+        .await;
+    }
     expire_lease_behind_the_waiters_back(&app, "parked").await;
     app.admin().resolve(resolve_req("parked", 1)).await.expect("resolve");
     let (outcome, took) = tokio::time::timeout(Duration::from_secs(15), waiter).await.expect("answered").expect("task");
@@ -491,14 +547,28 @@ async fn operators_racing_callers_have_one_winner(backend: Backend) {
         let parallel = std::sync::Arc::clone(&parallel);
         tasks.push(tokio::spawn(async move {
             let _turn = parallel.acquire().await.expect("semaphore");
-            // Resolve races the holder's Complete: the lease is made to look
-            // expired, so both are allowed until one of them lands.
+            // Resolve races the holder's Complete across the lease's end:
+            // the lease runs out a few milliseconds from now, the holder's
+            // Complete leaves at a varying moment around it, and the
+            // operator resolves as soon as the lease is no longer live.
             let key = format!("resolve-{i}");
             let holder = app.acquire(begin_req(&key)).await;
-            expire_lease_behind_the_waiters_back(&app, &key).await;
+            expire_lease_soon(&app, &key, 10).await;
             let (resolve, complete) = tokio::join!(
-                async { app.admin().resolve(resolve_req(&key, 1)).await },
-                app.complete(&key, &holder.lease_token, b"holder")
+                async {
+                    loop {
+                        match app.admin().resolve(resolve_req(&key, 1)).await {
+                            Err(status) if reason_of(&status) == "LEASE_LIVE" => {
+                                tokio::time::sleep(Duration::from_millis(1)).await
+                            }
+                            answer => break answer,
+                        }
+                    }
+                },
+                async {
+                    tokio::time::sleep(Duration::from_millis((i % 20) as u64)).await;
+                    app.complete(&key, &holder.lease_token, b"holder").await
+                }
             );
             assert!(resolve.is_ok() != complete.is_ok(), "{key}: exactly one wins: {resolve:?} {complete:?}");
             if let Err(status) = &resolve {
@@ -562,7 +632,6 @@ crate::both_stores!(
     listing_filters_and_leaves_responses_out,
     paging_sees_every_unchanged_record_exactly_once,
     release_ends_the_holders_attempt_and_a_waiter_acquires,
-    resolve_wakes_a_parked_waiter_with_the_outcome,
     invalidate_removes_the_record_and_keeps_its_history,
     operators_racing_callers_have_one_winner,
     history_is_purged_with_its_record,
