@@ -269,7 +269,7 @@ test("lost_begin_reply_retried_with_the_same_nonce_gets_the_same_lease", async (
         request = message;
         nextMessage(message);
       },
-      start(metadata, listener, nextStart) {
+      start(metadata, _listener, nextStart) {
         nextStart(metadata, {
           onReceiveMessage(reply: any, nextReply) {
             begins.push({ nonce: request.attempt_nonce, token: reply.acquired?.lease_token, attempt: reply.acquired?.attempt });

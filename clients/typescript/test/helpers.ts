@@ -13,7 +13,7 @@ import * as os from "os";
 import * as path from "path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import { Client, ClientOptions, Response, protoDir, protoOptions } from "@idemd/client";
+import { Client, ClientOptions, Response, protoOptions } from "@idemd/client";
 
 /** This package's folder (the tests run from dist/test). */
 export const PACKAGE = path.join(__dirname, "..", "..");
