@@ -1,74 +1,33 @@
 // The TypeScript helper against a real idemd (the binary scripts/test built).
 import { test, before, after } from "node:test";
 import * as assert from "node:assert/strict";
-import { spawn, ChildProcess } from "child_process";
-import { mkdtempSync, readFileSync } from "fs";
-import { createServer } from "net";
-import * as os from "os";
-import * as path from "path";
+import { spawn } from "child_process";
 import { randomUUID } from "crypto";
-import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
 import {
-  Attempt, Client, Final, FingerprintMismatchError, InProgressError, Options, OutcomeUnknown, OutcomeUnknownFailure,
-  Response, Retryable, RetryableFailure, entityKey, fingerprint,
-} from "../src/index";
+  Attempt, Client, ClientOptions, Final, FingerprintMismatchError, InProgressError, OutcomeUnknown, OutcomeUnknownFailure,
+  Response, Retryable, RetryableFailure,
+} from "@idemd/client";
+import { Idemd, NAMESPACE, startIdemd } from "./helpers";
+import * as helpers from "./helpers";
 
-const ROOT = path.join(__dirname, "..", "..", "..", "..");
-let server: ChildProcess;
+let server: Idemd;
 let target = "";
 
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const probe = createServer().listen(0, "127.0.0.1", () => {
-      const port = (probe.address() as { port: number }).port;
-      probe.close(() => resolve(port));
-    });
-  });
-
 before(async () => {
-  const binary = process.env.IDEMD_BIN ?? path.join(ROOT, "target", "debug", "idemd");
-  const folder = mkdtempSync(path.join(os.tmpdir(), "idemd-ts-"));
-  const port = await freePort();
-  target = `127.0.0.1:${port}`;
-  server = spawn(binary, ["serve", "--listen", target, "--metrics-listen", "127.0.0.1:0",
-    "--database-url", `sqlite://${folder}/idemd.db`, "--reaper-interval", "100ms"], { stdio: "ignore" });
-  const probe = client();
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    try {
-      await probe.runOnce(`startup-${randomUUID()}`, Buffer.from("x"), async () => ok("up"));
-      break;
-    } catch {
-      assert.ok(Date.now() < deadline, "idemd did not start");
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-  probe.close();
+  server = await startIdemd();
+  target = server.address;
 });
 
-after(() => {
-  server.kill("SIGTERM");
-});
+after(() => server.stop());
 
-function client(options: Options = {}) {
-  return new Client(target, "ts-payments", { leaseTtlMs: 2000, waitMs: 2000, inProgressBudgetMs: 15_000, rpcRetries: 1, ...options });
+function client(options: ClientOptions = {}) {
+  return new Client(target, NAMESPACE, { leaseTtlMs: 2000, waitMs: 2000, inProgressBudgetMs: 15_000, rpcRetries: 1, ...options });
 }
 
 const ok = (body: string): Response => ({ body: Buffer.from(body), code: 201, contentType: "text/plain" });
 const key = () => `order-${randomUUID()}`;
-
-test("vectors match the other languages", () => {
-  // clients/testdata/vectors.json: the same cases every client's tests read.
-  const vectors = JSON.parse(readFileSync(path.join(__dirname, "..", "..", "..", "testdata", "vectors.json"), "utf8"));
-  assert.ok(vectors.entity_keys.length > 0 && vectors.fingerprints.length > 0);
-  for (const c of vectors.entity_keys) {
-    assert.equal(entityKey(c.entity, c.operation), c.key, JSON.stringify(c));
-  }
-  for (const c of vectors.fingerprints) {
-    assert.equal(fingerprint(c.fields).toString("hex"), c.sha256_hex, JSON.stringify(c));
-  }
-});
+/** The client module as this test process loaded it, for the crashing callers it spawns. */
+const CLIENT_MODULE = require.resolve("@idemd/client");
 
 test("first call runs and a repeat replays", async () => {
   const c = client();
@@ -176,8 +135,8 @@ test("a long operation keeps its lease through heartbeats", async () => {
 test("a crashed caller is recovered after its lease expires", async () => {
   const k = key();
   const script = `
-    const { Client } = require(${JSON.stringify(path.join(__dirname, "..", "src", "index.js"))});
-    const c = new Client(${JSON.stringify(target)}, "ts-payments", { leaseTtlMs: 1000 });
+    const { Client } = require(${JSON.stringify(CLIENT_MODULE)});
+    const c = new Client(${JSON.stringify(target)}, ${JSON.stringify(NAMESPACE)}, { leaseTtlMs: 1000 });
     c.runOnce(${JSON.stringify(k)}, Buffer.from("fp"), async (attempt) => {
       console.log(attempt.downstreamKey);
       await new Promise(() => {});
@@ -199,19 +158,7 @@ test("a crashed caller is recovered after its lease expires", async () => {
 });
 
 /** The raw Lookup RPC: what idemd stored for a key. */
-function lookup(k: string): Promise<any> {
-  const definition = protoLoader.loadSync("idemd/v1/idempotency.proto", {
-    includeDirs: [path.join(__dirname, "..", "proto")], keepCase: true, longs: String, enums: String, defaults: true,
-  });
-  const loaded = grpc.loadPackageDefinition(definition) as any;
-  const stub = new loaded.idemd.v1.Idempotency(target, grpc.credentials.createInsecure());
-  return new Promise((resolve, reject) =>
-    stub.Lookup({ namespace: "ts-payments", key: k }, (error: Error | null, response: any) => {
-      stub.close();
-      error ? reject(error) : resolve(response.record);
-    }),
-  );
-}
+const lookup = (k: string) => helpers.lookup(server, k);
 
 /** Attempt 1 charges and its answer is lost; resolves to its Attempt. */
 async function chargeThenTimeOut(c: Client, k: string): Promise<Attempt> {
@@ -383,8 +330,8 @@ test("a retryable failure keeps an unreconciled unknown outcome", async () => {
 test("an expired lease is reconciled", async () => {
   const k = key();
   const script = `
-    const { Client } = require(${JSON.stringify(path.join(__dirname, "..", "src", "index.js"))});
-    const c = new Client(${JSON.stringify(target)}, "ts-payments", { leaseTtlMs: 1000 });
+    const { Client } = require(${JSON.stringify(CLIENT_MODULE)});
+    const c = new Client(${JSON.stringify(target)}, ${JSON.stringify(NAMESPACE)}, { leaseTtlMs: 1000 });
     c.runOnce(${JSON.stringify(k)}, Buffer.from("fp"), async (attempt) => {
       console.log(attempt.downstreamKey);
       await new Promise(() => {});
