@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import grpc
 
@@ -20,10 +20,11 @@ class Client(Protocol):
 
     ``address`` is ``host:port`` or ``http://host:port`` (plain text), or ``https://host:port`` (TLS with the
     system's roots, or ``credentials``); or pass a ``channel`` you built and keep owning (``close()`` leaves it
-    open). The namespace (1-64 characters of ``[a-z0-9._-]``), the address and every setting are checked here:
-    a bad one raises ``InvalidArgument``. The settings are defaults for every call; ``run_once`` and ``once``
-    take ``lease_ttl``, ``retention``, ``wait``, ``in_progress_budget`` and ``final_error`` for one call.
-    Seconds are numbers or ``timedelta``. Thread-safe: make one per process and namespace.
+    open). ``interceptors`` (``grpc.UnaryUnaryClientInterceptor``) wrap every call. The namespace (1-64
+    characters of ``[a-z0-9._-]``), the address and every setting are checked here: a bad one raises
+    ``InvalidArgument``. The settings are defaults for every call; ``run_once`` and ``once`` take
+    ``lease_ttl``, ``retention``, ``wait``, ``in_progress_budget`` and ``final_error`` for one call. Seconds
+    are numbers or ``timedelta``. Thread-safe: make one per process and namespace.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class Client(Protocol):
         final_error: Optional[FinalError] = None,
         token: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
+        interceptors: Sequence[Any] = (),
         channel: Optional[grpc.Channel] = None,
     ):
         super().__init__(namespace, Settings.of(
@@ -54,6 +56,8 @@ class Client(Protocol):
                 credentials = grpc.ssl_channel_credentials()
             channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
             self._own = channel
+        if interceptors:
+            channel = grpc.intercept_channel(channel, *interceptors)
         self._channel = channel
         self._stub = pb_grpc.IdempotencyStub(channel)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -64,7 +64,8 @@ class Client(Protocol):
 
     Takes what the threaded ``idemd_client.Client`` takes (``address`` as ``host:port``,
     ``http://host:port`` or ``https://host:port``; the namespace, address and settings are checked here and
-    raise ``InvalidArgument``), or a ``grpc.aio.Channel`` you keep owning. The channel is opened at the first
+    raise ``InvalidArgument``; ``interceptors`` are ``grpc.aio`` client interceptors for the channel it opens), or
+    a ``grpc.aio.Channel`` you keep owning. The channel is opened at the first
     call, on the event loop that makes it, so a client may be built at import time; use it from that loop only.
     ``async with Client(...) as client`` (or ``await client.close()``) closes it.
     """
@@ -83,6 +84,7 @@ class Client(Protocol):
         final_error: Optional[FinalError] = None,
         token: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         channel: Optional[grpc.aio.Channel] = None,
     ):
         super().__init__(namespace, Settings.of(
@@ -90,6 +92,9 @@ class Client(Protocol):
             rpc_retries=rpc_retries, rpc_timeout=rpc_timeout, final_error=final_error,
         ))
         self._metadata = bearer(token)
+        self._interceptors = list(interceptors)
+        if self._interceptors and channel is not None:
+            raise InvalidArgument("interceptors are for the channel the client opens; add them to your own channel")
         self._target, self._credentials, self._owned = None, credentials, channel is None
         if channel is None:
             self._target, tls = parse_address(address)
@@ -102,10 +107,11 @@ class Client(Protocol):
     def channel(self) -> grpc.aio.Channel:
         """The channel (opened now if it is not yet), e.g. for ``idemd.v1.admin_pb2_grpc.AdminStub``."""
         if self._channel is None:
+            options = dict(interceptors=self._interceptors)
             if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._target, self._credentials)
+                self._channel = grpc.aio.secure_channel(self._target, self._credentials, **options)
             else:
-                self._channel = grpc.aio.insecure_channel(self._target)
+                self._channel = grpc.aio.insecure_channel(self._target, **options)
         return self._channel
 
     @property
