@@ -102,8 +102,8 @@ def test_a_body_that_is_not_bytes_or_text_fails_where_it_is_written(server, flav
 
 
 def test_a_text_body_is_stored_as_utf8(server, flavour):
-    key = new_key()
-    done = flavour.run_once(server, key, fp(), lambda attempt: Response('{"amount":"1000 €"}', 201, "application/json"))
+    key, text = new_key(), '{"amount":"1000 €"}'
+    done = flavour.run_once(server, key, fp(), lambda attempt: Response(text, 201, "application/json"))
     assert done.response.body == '{"amount":"1000 €"}'.encode() and done.response.text == '{"amount":"1000 €"}'
     replay = flavour.run_once(server, key, fp(), lambda attempt: ok("{}"))
     assert replay.replayed and replay.response == done.response
