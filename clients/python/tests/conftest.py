@@ -1,14 +1,23 @@
 import os
+import pathlib
 
 import pytest
 
 import idemd_client
-from helpers import Idemd
+from helpers import HERE, Idemd
 
 
 def pytest_report_header(config):
-    # Which copy of the client the tests exercise: scripts/test runs them against an installed wheel.
     return f"idemd_client from {os.path.dirname(idemd_client.__file__)}"
+
+
+def pytest_sessionstart(session):
+    # scripts/test runs the suite against a wheel installed into a fresh environment: make sure that is what
+    # was imported, not this folder's sources.
+    if os.environ.get("IDEMD_PY_EXPECT_INSTALLED") == "1":
+        source = pathlib.Path(idemd_client.__file__).resolve()
+        if HERE.parent in source.parents or "site-packages" not in source.parts:
+            raise pytest.UsageError(f"idemd_client was imported from {source}, not from an installed wheel")
 
 
 @pytest.fixture(scope="session")
