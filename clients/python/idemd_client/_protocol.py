@@ -130,7 +130,7 @@ def check_fingerprint(value: bytes) -> bytes:
     return value
 
 
-def parse_address(address: str) -> Tuple[str, bool]:
+def parse_address(address: Optional[str]) -> Tuple[str, bool]:
     """``host:port``, ``http://host:port`` (plain text) or ``https://host:port`` (TLS) → (target, tls)."""
     if not isinstance(address, str):
         raise InvalidArgument(f"address must be a str such as 'idemd:50051', not {type(address).__name__}")
@@ -239,7 +239,9 @@ class Protocol:
             raise TypeError(f"operation must be callable, got {operation!r}")
         if reconcile is not None and not callable(reconcile):
             raise TypeError(f"reconcile must be callable or None, got {reconcile!r}")
-        for losses in itertools.count():
+        losses = -1
+        while True:
+            losses += 1
             lease, done = yield from self._acquire(s, key, fp)
             if lease is not None:
                 done, lost = yield from self._attempt(s, key, lease, operation, reconcile)
@@ -349,7 +351,6 @@ class Protocol:
             namespace=self.namespace, key=key, lease_token=lease.lease_token, lease_ttl=_duration(s.lease_ttl),
         )
         every = s.lease_ttl / 3
-        ids = dict(key=key, attempt=lease.attempt)
         # Whether attempt - 1 may have done it and nobody has checked.
         unresolved = previous is not None and previous.outcome_unknown
         response, reconciled = None, False
@@ -364,7 +365,8 @@ class Protocol:
                 # The question stays open: the next attempt asks again.
                 yield from self._abort(s, key, lease, "reconcile failed", True)
                 raise OutcomeUnknownFailure(
-                    f"the reconcile hook for {where} failed; aborted, still outcome-unknown: {error!r}", **ids
+                    f"the reconcile hook for {where} failed; aborted, still outcome-unknown: {error!r}",
+                    key=key, attempt=lease.attempt,
                 ) from error
             except BaseException:
                 yield from self._abort(s, key, lease, "the reconcile hook was interrupted", True)
@@ -389,17 +391,18 @@ class Protocol:
                     yield from self._abort(s, key, lease, "retryable failure; the previous outcome is unknown", True)
                     raise OutcomeUnknownFailure(
                         f"the operation for {where} raised Retryable after an attempt whose outcome is unknown and "
-                        f"was not reconciled; aborted as outcome-unknown: {error}", **ids
+                        f"was not reconciled; aborted as outcome-unknown: {error}", key=key, attempt=lease.attempt
                     ) from cause_of(error)
                 yield from self._abort(s, key, lease, "retryable failure", False)
                 raise RetryableFailure(
-                    f"the operation for {where} failed and was aborted; a retry runs it again: {error}", **ids
+                    f"the operation for {where} failed and was aborted; a retry runs it again: {error}",
+                    key=key, attempt=lease.attempt,
                 ) from cause_of(error)
             except OutcomeUnknown as error:
                 yield from self._abort(s, key, lease, "outcome unknown", True)
                 raise OutcomeUnknownFailure(
                     f"the operation for {where} may or may not have taken effect; aborted as outcome-unknown: "
-                    f"{error}", **ids
+                    f"{error}", key=key, attempt=lease.attempt
                 ) from cause_of(error)
             except GeneratorExit:
                 raise
@@ -436,7 +439,7 @@ class Protocol:
             failure = self._failure(s, error, key, "Complete")
             raise OutcomeUnknownFailure(
                 f"the operation for {where} ran but its outcome was not stored; aborted as outcome-unknown: "
-                f"{failure}", code=failure.code, reason=failure.reason, **ids
+                f"{failure}", code=failure.code, reason=failure.reason, key=key, attempt=lease.attempt
             ) from error
         return Done(response, replayed=False, attempt=lease.attempt, reconciled=reconciled), None
 

@@ -148,16 +148,17 @@ class Client(Protocol):
         return decorate
 
     def _drive(self, steps: Steps) -> Done:
-        ok, value = True, None
+        sent: Any = None
+        error: Optional[BaseException] = None
         while True:
             try:
-                effect = steps.send(value) if ok else steps.throw(value)
+                effect = steps.send(sent) if error is None else steps.throw(error)
             except StopIteration as stop:
                 return stop.value
             try:
-                ok, value = True, self._do(effect)
-            except BaseException as error:
-                ok, value = False, error
+                sent, error = self._do(effect), None
+            except BaseException as raised:
+                sent, error = None, raised
 
     def _do(self, effect: Any) -> Any:
         if isinstance(effect, Rpc):

@@ -107,11 +107,11 @@ class Client(Protocol):
     def channel(self) -> grpc.aio.Channel:
         """The channel (opened now if it is not yet), e.g. for ``idemd.v1.admin_pb2_grpc.AdminStub``."""
         if self._channel is None:
-            options = dict(interceptors=self._interceptors)
+            target = str(self._target)
             if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._target, self._credentials, **options)
+                self._channel = grpc.aio.secure_channel(target, self._credentials, interceptors=self._interceptors)
             else:
-                self._channel = grpc.aio.insecure_channel(self._target, **options)
+                self._channel = grpc.aio.insecure_channel(target, interceptors=self._interceptors)
         return self._channel
 
     @property
@@ -124,7 +124,7 @@ class Client(Protocol):
     async def close(self) -> None:
         """Closes the channel this client opened (not one given to it)."""
         if self._owned and self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -178,22 +178,23 @@ class Client(Protocol):
 
     async def _drive(self, steps: Steps) -> Done:
         cancel = _Cancel()
-        ok, value = True, None
+        sent: Any = None
+        error: Optional[BaseException] = None
         while True:
             try:
-                effect = steps.send(value) if ok else steps.throw(value)
+                effect = steps.send(sent) if error is None else steps.throw(error)
             except StopIteration as stop:
                 if cancel.requested:
                     raise asyncio.CancelledError()
                 return stop.value
-            except BaseException as error:
-                if cancel.requested and not isinstance(error, asyncio.CancelledError):
-                    raise asyncio.CancelledError() from error
+            except BaseException as failure:
+                if cancel.requested and not isinstance(failure, asyncio.CancelledError):
+                    raise asyncio.CancelledError() from failure
                 raise
             try:
-                ok, value = True, await self._do(effect, cancel)
-            except BaseException as error:
-                ok, value = False, error
+                sent, error = await self._do(effect, cancel), None
+            except BaseException as raised:
+                sent, error = None, raised
 
     async def _do(self, effect: Any, cancel: _Cancel) -> Any:
         if isinstance(effect, Rpc):
