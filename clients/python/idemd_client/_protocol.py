@@ -374,7 +374,7 @@ class Protocol:
             if found is not None and not isinstance(found, Response):
                 yield from self._abort(s, key, lease, "the reconcile hook returned no Response", True)
                 raise TypeError(f"the reconcile hook for {where} returned {type(found).__name__}, not a Response "
-                                "or None; aborted, still outcome-unknown")
+                                f"or None{_async_hint(found)}; aborted, still outcome-unknown")
             if found is not None:
                 response, reconciled = found, True
             else:
@@ -416,13 +416,10 @@ class Protocol:
                 raise
             if not isinstance(result, Response):
                 yield from self._abort(s, key, lease, "the operation returned no Response", True)
-                hint = ""
-                if inspect.iscoroutine(result):
-                    result.close()
-                    hint = " (an async def operation needs idemd_client.aio.Client)"
                 raise TypeError(
                     f"the operation for {where} returned {type(result).__name__}, not an idemd_client.Response"
-                    f"{hint}: its outcome was not stored (aborted as outcome-unknown, so the next attempt reconciles)"
+                    f"{_async_hint(result)}: its outcome was not stored (aborted as outcome-unknown, so the next "
+                    "attempt reconciles)"
                 )
             response = result
         request = pb.CompleteRequest(
@@ -442,6 +439,14 @@ class Protocol:
                 f"{failure}", code=failure.code, reason=failure.reason, key=key, attempt=lease.attempt
             ) from error
         return Done(response, replayed=False, attempt=lease.attempt, reconciled=reconciled), None
+
+
+def _async_hint(result: Any) -> str:
+    """For a coroutine handed to the threaded client: closed (it will never run) and explained."""
+    if not inspect.iscoroutine(result):
+        return ""
+    result.close()
+    return " (async def operations and hooks need idemd_client.aio.Client)"
 
 
 def _previous(lease: pb.Acquired) -> PreviousAttempt:

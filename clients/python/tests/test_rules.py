@@ -15,7 +15,8 @@ import idemd_client.aio
 from helpers import NAMESPACE, CardDeclined, Calls, declined_as_error, fp, new_key, ok
 from idemd.v1 import idempotency_pb2 as pb
 from idemd_client import (
-    Client, FingerprintMismatch, IdemdError, InProgress, InvalidArgument, OutcomeUnknownFailure, Response, reason,
+    Client, FingerprintMismatch, IdemdError, InProgress, InvalidArgument, OutcomeUnknown, OutcomeUnknownFailure,
+    Response, reason,
 )
 
 DEFAULTS = dict(lease_ttl=2.0, wait=2.0, in_progress_budget=15.0)
@@ -278,8 +279,19 @@ def test_an_async_operation_given_to_the_threaded_client_is_a_type_error(server)
     async def charge(attempt):
         return ok("{}")
 
-    with Client(server.address, NAMESPACE) as c, pytest.raises(TypeError, match="needs idemd_client.aio.Client"):
-        c.run_once(new_key(), fp(), charge)
+    def timeout(attempt):
+        raise OutcomeUnknown("timeout")
+
+    key = new_key()
+    with Client(server.address, NAMESPACE) as c:
+        with pytest.raises(TypeError, match="need idemd_client.aio.Client"):
+            c.run_once(new_key(), fp(), charge)
+        with pytest.raises(OutcomeUnknownFailure):
+            c.run_once(key, fp(), timeout)
+        with pytest.raises(TypeError, match="need idemd_client.aio.Client"):
+            c.run_once(key, fp(), lambda attempt: ok("{}"), reconcile=charge)
+    record = server.lookup(key)
+    assert (record.attempt, record.outcome_unknown) == (2, True), "still outcome-unknown"
 
 
 def test_the_decorators_check_their_options_at_once(server):
