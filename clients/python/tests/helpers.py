@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +44,9 @@ class Idemd:
         binary = os.environ.get("IDEMD_BIN", str(HERE.parents[2] / "target" / "debug" / "idemd"))
         if not os.access(binary, os.X_OK):
             raise RuntimeError(f"no idemd binary at {binary}: set IDEMD_BIN to a built idemd")
-        folder = folder or tempfile.mkdtemp(prefix="idemd-py-")
+        # A folder made here is removed by stop().
+        self.own_folder = None if folder else tempfile.mkdtemp(prefix="idemd-py-")
+        folder = folder or self.own_folder
         self.address = free_address()
         self.process = subprocess.Popen(
             [binary, "serve", "--listen", self.address, "--metrics-listen", "127.0.0.1:0",
@@ -78,6 +81,8 @@ class Idemd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.own_folder:
+            shutil.rmtree(self.own_folder, ignore_errors=True)
 
     def lookup(self, key: str) -> pb.Record:
         return self.stub.Lookup(pb.LookupRequest(namespace=NAMESPACE, key=key), timeout=5).record
