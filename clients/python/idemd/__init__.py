@@ -1,0 +1,1 @@
+"""Generated from proto/idemd by clients/python/scripts/generate; do not edit."""
