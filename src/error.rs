@@ -12,6 +12,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo.domain` of every idemd error.
 pub const ERROR_DOMAIN: &str = "idemd";
 
+/// Every `idemd_store_errors` kind [`Error::store_kind`] can give.
+pub const STORE_ERROR_KINDS: [&str; 4] = ["unavailable", "timeout", "contention", "internal"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// INVALID_ARGUMENT, reason `INVALID_FIELD`, with a field violation.
