@@ -33,11 +33,6 @@ const LATENCY_BUCKETS: &[f64] =
 /// Calls per group-commit batch: 1 (a lone call) up to `--group-commit-max-batch`.
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
 
-/// How late the reaper and purger handle what is due, in seconds: within
-/// their interval when they keep up, up to a day when they do not.
-const LAG_BUCKETS: &[f64] =
-    &[0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0];
-
 /// The Idempotency RPCs and the codes alerts count: exported at 0 from the
 /// start, because Prometheus's `increase()` cannot see a series' first
 /// sample as an increase, and the first LEASE_LOST must not go unseen.
@@ -72,7 +67,10 @@ pub struct Metrics {
     /// RPC latency without the time a Begin parked on `wait_timeout`.
     sli_duration: Histogram<f64>,
     batch_sizes: Histogram<u64>,
-    maintenance_lag: Histogram<f64>,
+    /// A counter, not a histogram: a histogram's series appear with its
+    /// first observation, which `rate()` cannot see, and the first late
+    /// row after a start is the one that matters.
+    maintenance_lag: Counter<f64>,
     last_success: Gauge<f64>,
 }
 
@@ -148,12 +146,11 @@ impl Metrics {
                 .with_boundaries(BATCH_SIZE_BUCKETS.to_vec())
                 .build(),
             maintenance_lag: meter
-                .f64_histogram("idemd_maintenance_lag")
+                .f64_counter("idemd_maintenance_lag")
                 .with_unit("s")
                 .with_description(
-                    "How long after it was due the reaper aborted each lease and the purger deleted each record, by task",
+                    "Seconds past due, summed over the leases the reaper aborted and the records the purger deleted, by task: over idemd_reaped_leases_total or idemd_purged_records_total, their mean lateness",
                 )
-                .with_boundaries(LAG_BUCKETS.to_vec())
                 .build(),
             last_success: meter
                 .f64_gauge("idemd_maintenance_last_success_timestamp")
@@ -170,6 +167,9 @@ impl Metrics {
         metrics.waiters.add(0, &[]);
         metrics.reaped.add(0, &[]);
         metrics.purged.add(0, &[]);
+        for task in ["reaper", "purger"] {
+            metrics.maintenance_lag.add(0.0, &[KeyValue::new("task", task)]);
+        }
         for outcome in BEGIN_OUTCOMES {
             metrics.begin_outcomes.add(0, &[KeyValue::new("outcome", outcome)]);
         }
@@ -264,7 +264,7 @@ impl Metrics {
 
     /// How long after it was due the reaper or the purger (`task`) handled one row.
     pub fn maintenance_lag(&self, task: &'static str, overdue: Duration) {
-        self.maintenance_lag.record(overdue.as_secs_f64(), &[KeyValue::new("task", task)]);
+        self.maintenance_lag.add(overdue.as_secs_f64(), &[KeyValue::new("task", task)]);
     }
 
     /// The reaper or the purger (`task`) finished a pass without error, or started.
