@@ -277,3 +277,24 @@ impl From<Error> for Status {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_store_error_kind_is_one_the_metrics_export_from_the_start() {
+        let errors = [
+            Error::StoreUnavailable(sqlx::Error::PoolTimedOut),
+            Error::StoreLost("moved".into()),
+            Error::StoreTimeout,
+            Error::Contention("kept changing"),
+            Error::Internal("bug".into()),
+            Error::DatabaseBug { code: "42703".into(), message: "no such column".into() },
+        ];
+        for error in errors {
+            let kind = error.store_kind().unwrap_or_else(|| panic!("{error:?} is a store error"));
+            assert!(STORE_ERROR_KINDS.contains(&kind), "{kind} is not in STORE_ERROR_KINDS");
+        }
+    }
+}
