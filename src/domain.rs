@@ -326,6 +326,9 @@ pub struct ReapedLease {
     pub namespace: String,
     pub key: String,
     pub attempt: u32,
+    /// From the lease's end to the reaper's abort, by the store's clock:
+    /// how far behind the reaper is.
+    pub overdue: Duration,
 }
 
 /// What a store read of a live record says to a Begin that did not acquire.

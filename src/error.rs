@@ -12,6 +12,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo.domain` of every idemd error.
 pub const ERROR_DOMAIN: &str = "idemd";
 
+/// Every `idemd_store_errors` kind [`Error::store_kind`] can give.
+pub const STORE_ERROR_KINDS: [&str; 4] = ["unavailable", "timeout", "contention", "internal"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// INVALID_ARGUMENT, reason `INVALID_FIELD`, with a field violation.
@@ -274,3 +277,24 @@ impl From<Error> for Status {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_store_error_kind_is_one_the_metrics_export_from_the_start() {
+        let errors = [
+            Error::StoreUnavailable(sqlx::Error::PoolTimedOut),
+            Error::StoreLost("moved".into()),
+            Error::StoreTimeout,
+            Error::Contention("kept changing"),
+            Error::Internal("bug".into()),
+            Error::DatabaseBug { code: "42703".into(), message: "no such column".into() },
+        ];
+        for error in errors {
+            let kind = error.store_kind().unwrap_or_else(|| panic!("{error:?} is a store error"));
+            assert!(STORE_ERROR_KINDS.contains(&kind), "{kind} is not in STORE_ERROR_KINDS");
+        }
+    }
+}

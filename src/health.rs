@@ -3,6 +3,7 @@
 //! Liveness (service `""`) stays SERVING while the process runs.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -24,6 +25,8 @@ pub struct Readiness {
     reporter: HealthReporter,
     /// `Some(status)` last reported; the lock orders probe reports against shutdown.
     state: Arc<Mutex<(Option<ServingStatus>, bool)>>,
+    /// What was last reported, readable without the lock (the `idemd_ready` gauge).
+    serving: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -32,7 +35,12 @@ impl Readiness {
         for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
             reporter.set_service_status(service, ServingStatus::NotServing).await;
         }
-        Readiness { reporter, state: Arc::new(Mutex::new((None, false))) }
+        Readiness { reporter, state: Arc::new(Mutex::new((None, false))), serving: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Whether readiness is SERVING now.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 
     async fn report(&self, status: ServingStatus) {
@@ -45,6 +53,7 @@ impl Readiness {
             tracing::warn!(?status, "readiness changed");
         }
         *last = Some(status);
+        self.serving.store(status == ServingStatus::Serving, Ordering::Relaxed);
         for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
             self.reporter.set_service_status(service, status).await;
         }
@@ -54,6 +63,7 @@ impl Readiness {
     pub async fn shut_down(&self) {
         let mut state = self.state.lock().await;
         state.1 = true;
+        self.serving.store(false, Ordering::Relaxed);
         for service in [SERVICE_NAME, ADMIN_SERVICE_NAME] {
             self.reporter.set_service_status(service, ServingStatus::NotServing).await;
         }

@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider as _, UpDownCounter};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,17 +23,33 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::connections::{self, ConnectionService, Slots};
-use crate::error::Error;
+use crate::error::{Error, STORE_ERROR_KINDS};
 
-/// Latency buckets in seconds: from a cached replay to a long wait.
+/// Latency buckets in seconds: from a cached replay to a long wait. The
+/// latency objective of `deploy/prometheus` must be one of them.
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// Connections of the request pool, for the pool gauge.
+/// Calls per group-commit batch: 1 (a lone call) up to `--group-commit-max-batch`.
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// The Idempotency RPCs and the codes alerts count: exported at 0 from the
+/// start, because Prometheus's `increase()` cannot see a series' first
+/// sample as an increase, and the first LEASE_LOST must not go unseen.
+const WATCHED_RPCS: [&str; 5] = ["Begin", "Complete", "Abort", "Heartbeat", "Lookup"];
+const WATCHED_CODES: [tonic::Code; 4] =
+    [tonic::Code::Ok, tonic::Code::FailedPrecondition, tonic::Code::ResourceExhausted, tonic::Code::Unavailable];
+
+/// Everything Begin can answer, for `idemd_begin_outcomes`.
+const BEGIN_OUTCOMES: [&str; 4] = ["acquired", "completed", "in_progress", "fingerprint_mismatch"];
+
+/// Connections of the request pool, for the pool gauges.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PoolStats {
     pub in_use: u64,
     pub idle: u64,
+    /// `--db-max-connections`: in_use / max is the pool's saturation.
+    pub max: u64,
 }
 
 pub struct Metrics {
@@ -48,6 +64,14 @@ pub struct Metrics {
     waiters: UpDownCounter<i64>,
     store_errors: Counter<u64>,
     admin_actions: Counter<u64>,
+    /// RPC latency without the time a Begin parked on `wait_timeout`.
+    sli_duration: Histogram<f64>,
+    batch_sizes: Histogram<u64>,
+    /// A counter, not a histogram: a histogram's series appear with its
+    /// first observation, which `rate()` cannot see, and the first late
+    /// row after a start is the one that matters.
+    maintenance_lag: Counter<f64>,
+    last_success: Gauge<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,6 +132,33 @@ impl Metrics {
                     "Admin service calls, by action (list, history, resolve, release, invalidate) and outcome",
                 )
                 .build(),
+            sli_duration: meter
+                .f64_histogram("idemd_request_sli_duration")
+                .with_unit("s")
+                .with_description(
+                    "RPC latency for the latency objective, by method: every call but Begins that parked on wait_timeout (their time is the holder's)",
+                )
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build(),
+            batch_sizes: meter
+                .u64_histogram("idemd_group_commit_batch_size")
+                .with_description("Calls per group-commit statement on Postgres, by kind: begin, complete")
+                .with_boundaries(BATCH_SIZE_BUCKETS.to_vec())
+                .build(),
+            maintenance_lag: meter
+                .f64_counter("idemd_maintenance_lag")
+                .with_unit("s")
+                .with_description(
+                    "Seconds past due, summed over the leases the reaper aborted and the records the purger deleted, by task: over idemd_reaped_leases_total or idemd_purged_records_total, their mean lateness",
+                )
+                .build(),
+            last_success: meter
+                .f64_gauge("idemd_maintenance_last_success_timestamp")
+                .with_unit("s")
+                .with_description(
+                    "Unix time the reaper or the purger last finished a pass without error (their start until then), by task",
+                )
+                .build(),
             registry,
             provider,
             meter,
@@ -116,6 +167,20 @@ impl Metrics {
         metrics.waiters.add(0, &[]);
         metrics.reaped.add(0, &[]);
         metrics.purged.add(0, &[]);
+        for task in ["reaper", "purger"] {
+            metrics.maintenance_lag.add(0.0, &[KeyValue::new("task", task)]);
+        }
+        for outcome in BEGIN_OUTCOMES {
+            metrics.begin_outcomes.add(0, &[KeyValue::new("outcome", outcome)]);
+        }
+        for kind in STORE_ERROR_KINDS {
+            metrics.store_errors.add(0, &[KeyValue::new("kind", kind)]);
+        }
+        for rpc in WATCHED_RPCS {
+            for code in WATCHED_CODES {
+                metrics.requests.add(0, &[KeyValue::new("rpc", rpc), KeyValue::new("code", code_name(code))]);
+            }
+        }
         metrics
             .meter
             .u64_observable_gauge("idemd_build_info")
@@ -125,16 +190,43 @@ impl Metrics {
         Ok(Arc::new(metrics))
     }
 
-    /// Reports the request pool's connections, read at each scrape.
+    /// Reports the request pool's connections and its size, read at each scrape.
     pub fn observe_pool(&self, stats: impl Fn() -> PoolStats + Send + Sync + 'static) {
+        let stats = Arc::new(stats);
+        let connections = Arc::clone(&stats);
         self.meter
             .u64_observable_gauge("idemd_db_pool_connections")
             .with_description("Connections of the request pool, by state: in_use, idle")
             .with_callback(move |gauge| {
-                let stats = stats();
+                let stats = connections();
                 gauge.observe(stats.in_use, &[KeyValue::new("state", "in_use")]);
                 gauge.observe(stats.idle, &[KeyValue::new("state", "idle")]);
             })
+            .build();
+        self.meter
+            .u64_observable_gauge("idemd_db_pool_max_connections")
+            .with_description("Most connections the request pool opens (--db-max-connections)")
+            .with_callback(move |gauge| gauge.observe(stats().max, &[]))
+            .build();
+    }
+
+    /// Reports readiness (1 while the store answers and shutdown has not
+    /// begun), read at each scrape.
+    pub fn observe_readiness(&self, serving: impl Fn() -> bool + Send + Sync + 'static) {
+        self.meter
+            .u64_observable_gauge("idemd_ready")
+            .with_description("1 while readiness is SERVING: the store answers its probe and shutdown has not begun")
+            .with_callback(move |gauge| gauge.observe(u64::from(serving()), &[]))
+            .build();
+    }
+
+    /// Reports whether the TLS certificates in force are the files on disk,
+    /// read at each scrape.
+    pub fn observe_tls(&self, in_force: impl Fn() -> bool + Send + Sync + 'static) {
+        self.meter
+            .u64_observable_gauge("idemd_tls_certificate_in_force")
+            .with_description("1 when the TLS certificates in force are the files on disk, 0 when a reload was rejected and the previous ones stay")
+            .with_callback(move |gauge| gauge.observe(u64::from(in_force()), &[]))
             .build();
     }
 
@@ -154,10 +246,31 @@ impl Metrics {
             .build();
     }
 
-    pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+    /// One RPC answered; `parked` when a Begin waited for another holder,
+    /// which leaves it out of the latency objective's histogram.
+    pub fn rpc(&self, method: &'static str, code: tonic::Code, elapsed: Duration, parked: bool) {
         let labels = [KeyValue::new("rpc", method), KeyValue::new("code", code_name(code))];
         self.requests.add(1, &labels);
         self.duration.record(elapsed.as_secs_f64(), &labels);
+        if !parked {
+            self.sli_duration.record(elapsed.as_secs_f64(), &labels[..1]);
+        }
+    }
+
+    /// The calls of one group-commit statement (`kind`: begin, complete).
+    pub fn group_commit_batch(&self, kind: &'static str, size: usize) {
+        self.batch_sizes.record(size as u64, &[KeyValue::new("kind", kind)]);
+    }
+
+    /// How long after it was due the reaper or the purger (`task`) handled one row.
+    pub fn maintenance_lag(&self, task: &'static str, overdue: Duration) {
+        self.maintenance_lag.add(overdue.as_secs_f64(), &[KeyValue::new("task", task)]);
+    }
+
+    /// The reaper or the purger (`task`) finished a pass without error, or started.
+    pub fn maintenance_succeeded(&self, task: &'static str) {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        self.last_success.record(now.as_secs_f64(), &[KeyValue::new("task", task)]);
     }
 
     pub fn admin_action(&self, action: &'static str, outcome: &'static str) {

@@ -2,6 +2,7 @@
 //! context) with the attributes operators filter on, and its request count
 //! and latency. Never a key, a payload or a lease token.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::time::Instant;
@@ -27,6 +28,8 @@ pub struct RpcCall {
     span: tracing::Span,
     /// For the log line of a failed call: its span may be off (DEBUG).
     namespace: OnceLock<String>,
+    /// A Begin that waited for another holder: its latency is theirs.
+    parked: AtomicBool,
     started: Instant,
     metrics: Arc<Metrics>,
 }
@@ -51,7 +54,14 @@ impl RpcCall {
         // waiter's span as text).
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", admin_action(method).map_or(SERVICE_NAME, |_| ADMIN_SERVICE_NAME));
-        RpcCall { method, span, namespace: OnceLock::new(), started: Instant::now(), metrics: Arc::clone(metrics) }
+        RpcCall {
+            method,
+            span,
+            namespace: OnceLock::new(),
+            parked: AtomicBool::new(false),
+            started: Instant::now(),
+            metrics: Arc::clone(metrics),
+        }
     }
 
     pub fn span(&self) -> &tracing::Span {
@@ -62,6 +72,11 @@ impl RpcCall {
     pub fn namespace(&self, namespace: &str) {
         self.span.record("idemd.namespace", namespace);
         let _ = self.namespace.set(namespace.to_string());
+    }
+
+    /// The call parked on `wait_timeout` behind another holder.
+    pub fn parked(&self) {
+        self.parked.store(true, Ordering::Relaxed);
     }
 
     /// Reports the call and turns its result into the gRPC answer.
@@ -91,7 +106,7 @@ impl RpcCall {
         if let Some(action) = admin_action(self.method) {
             self.metrics.admin_action(action, outcome);
         }
-        self.metrics.rpc(self.method, code, self.started.elapsed());
+        self.metrics.rpc(self.method, code, self.started.elapsed(), self.parked.load(Ordering::Relaxed));
         answer
     }
 

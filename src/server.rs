@@ -60,7 +60,7 @@ const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn migrate(database: &DatabaseConfig) -> anyhow::Result<()> {
     match database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
-            let store = PgStore::connect_lazy(database, Wakeups::new())?;
+            let store = PgStore::connect_lazy(database, Wakeups::new(), None)?;
             store.migrate().await.context("applying Postgres migrations")?;
             store.close().await;
         }
@@ -106,15 +106,21 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     ensure_descriptors(&config)?;
-    let wakeups = Wakeups::new();
-    let background = CancellationToken::new();
+    let mut shared = Shared {
+        wakeups: Wakeups::new(),
+        metrics: Metrics::new()?,
+        background: CancellationToken::new(),
+        tasks: Vec::new(),
+    };
+    let wakeups = Arc::clone(&shared.wakeups);
     match config.database.database_url.backend().map_err(anyhow::Error::msg)? {
         Backend::Postgres => {
-            let store = PgStore::connect_lazy(&config.database, Arc::clone(&wakeups))?;
+            let metrics = Some(Arc::clone(&shared.metrics));
+            let store = PgStore::connect_lazy(&config.database, Arc::clone(&wakeups), metrics)?;
             if !config.no_migrate {
                 store.migrate().await.context("applying Postgres migrations")?;
             }
-            let relay = store.spawn_wakeup_listener(Arc::clone(&wakeups), background.clone());
+            let relay = store.spawn_wakeup_listener(wakeups, shared.background.clone());
             if relay.is_none() {
                 tracing::warn!(
                     "no LISTEN through a transaction pooler: waiters re-check their key every {:?} \
@@ -122,36 +128,45 @@ pub async fn run(
                     POLLING_WAITER_INTERVAL
                 );
             }
-            serve(store, wakeups, config, listeners, shutdown, background, relay.into_iter().collect()).await
+            shared.tasks.extend(relay);
+            serve(store, shared, config, listeners, shutdown).await
         }
         Backend::Sqlite => {
-            let store = SqliteStore::connect(&config.database, Arc::clone(&wakeups))
-                .await
-                .context("opening the SQLite database")?;
+            let store = SqliteStore::connect(&config.database, wakeups).await.context("opening the SQLite database")?;
             if !config.no_migrate {
                 store.migrate().await.context("applying SQLite migrations")?;
             }
-            serve(store, wakeups, config, listeners, shutdown, background, Vec::new()).await
+            serve(store, shared, config, listeners, shutdown).await
         }
     }
 }
 
+/// What exists before the store is opened and outlives it: the store
+/// counts into the metrics and wakes the waiters.
+struct Shared {
+    wakeups: Arc<Wakeups>,
+    metrics: Arc<Metrics>,
+    /// Stops the background tasks after the drain.
+    background: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
 async fn serve<S: Store>(
     store: S,
-    wakeups: Arc<Wakeups>,
+    shared: Shared,
     config: ServeConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    background: CancellationToken,
-    mut tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
+    let Shared { wakeups, metrics, background, mut tasks } = shared;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness::new(reporter).await;
     tasks.push(health::spawn_readiness_probe(store.clone(), readiness.clone(), background.clone()));
-    let metrics = Metrics::new()?;
     {
         let store = store.clone();
         metrics.observe_pool(move || store.pool_stats());
+        let readiness = readiness.clone();
+        metrics.observe_readiness(move || readiness.is_serving());
     }
     let metrics_server = listeners.metrics.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -218,6 +233,8 @@ async fn serve<S: Store>(
             let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: config.tls_client_ca.clone() };
             let tls = ReloadingTls::load(files)?;
             tasks.push(tls.spawn_watcher(background.clone()));
+            let watched = Arc::clone(&tls);
+            metrics.observe_tls(move || watched.in_force());
             Some(tls)
         }
         _ => None,

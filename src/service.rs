@@ -196,6 +196,7 @@ impl<S: Store> IdempotencyService<S> {
     /// it is completed, acquired, or the wait (bounded by the deadline) ends.
     async fn begin_and_wait(
         &self,
+        call: &RpcCall,
         request: &domain::BeginRequest,
         principal: Option<&Principal>,
         wait_until: Option<Instant>,
@@ -220,6 +221,7 @@ impl<S: Store> IdempotencyService<S> {
             }
             if parked.is_none() {
                 parked = Some((self.waiter_limits.admit(&request.id.namespace, principal)?, self.metrics.waiting()));
+                call.parked();
             }
             // The transition that ends this attempt wakes us only if it finds
             // the attempt marked as awaited; if it already ended, look again.
@@ -361,9 +363,10 @@ impl<S: Store> IdempotencyService<S> {
         Ok(PreparedBegin { request, principal, wait_until: wait_until(arrived, wait, deadline), deadline: answer_by })
     }
 
-    async fn run_begin(&self, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
-        let outcome =
-            self.begin_and_wait(&begin.request, begin.principal.as_ref(), begin.wait_until, begin.deadline).await?;
+    async fn run_begin(&self, call: &RpcCall, begin: &PreparedBegin) -> Result<Reply<pb::BeginResponse>> {
+        let outcome = self
+            .begin_and_wait(call, &begin.request, begin.principal.as_ref(), begin.wait_until, begin.deadline)
+            .await?;
         let (label, attempt) = match &outcome {
             BeginOutcome::Acquired(lease) => ("acquired", lease.attempt),
             BeginOutcome::Completed(stored) => ("completed", stored.attempt),
@@ -476,7 +479,7 @@ impl<S: Store> pb::idempotency_server::Idempotency for IdempotencyService<S> {
             Ok(begin) => begin,
             Err(error) => return call.finish(Err(error)),
         };
-        let result = self.run_begin(&begin).instrument(call.span().clone()).await;
+        let result = self.run_begin(&call, &begin).instrument(call.span().clone()).await;
         call.finish(result)
     }
 

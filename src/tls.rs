@@ -6,6 +6,7 @@
 //! port stays plaintext.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -83,6 +84,9 @@ pub struct ReloadingTls {
     files: TlsFiles,
     acceptor: RwLock<TlsAcceptor>,
     stamps: RwLock<Vec<Option<[u8; 32]>>>,
+    /// The files on disk are what is in force: false from a rejected
+    /// reload until one is accepted (the `idemd_tls_certificate_in_force` gauge).
+    in_force: AtomicBool,
 }
 
 impl ReloadingTls {
@@ -95,7 +99,13 @@ impl ReloadingTls {
             files,
             acceptor: RwLock::new(TlsAcceptor::from(Arc::new(config))),
             stamps: RwLock::new(stamps),
+            in_force: AtomicBool::new(true),
         }))
+    }
+
+    /// Whether the certificates in force are the files on disk.
+    pub fn in_force(&self) -> bool {
+        self.in_force.load(Ordering::Relaxed)
     }
 
     fn acceptor(&self) -> TlsAcceptor {
@@ -124,10 +134,14 @@ impl ReloadingTls {
             Ok(config) => {
                 *self.acceptor.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
                     TlsAcceptor::from(Arc::new(config));
+                self.in_force.store(true, Ordering::Relaxed);
                 tracing::info!("TLS certificates reloaded");
             }
             // Mid-rotation a cert may not match its key yet: keep serving and retry on the next change.
-            Err(error) => tracing::error!(%error, "TLS certificates rejected; the previous ones stay in force"),
+            Err(error) => {
+                self.in_force.store(false, Ordering::Relaxed);
+                tracing::error!(%error, "TLS certificates rejected; the previous ones stay in force");
+            }
         }
     }
 

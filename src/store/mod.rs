@@ -85,8 +85,9 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// with every replica doing it at once. Wakes their waiters.
     fn reap_expired_leases(&self, limit: i64) -> impl Future<Output = Result<Vec<ReapedLease>>> + Send;
 
-    /// Deletes up to `limit` records past their `expires_at`.
-    fn purge_expired(&self, limit: i64) -> impl Future<Output = Result<u64>> + Send;
+    /// Deletes up to `limit` records past their `expires_at`; for each, how
+    /// long past due it was (by the store's clock).
+    fn purge_expired(&self, limit: i64) -> impl Future<Output = Result<Vec<Duration>>> + Send;
 
     /// Whether every transition that ends a lease wakes this replica's
     /// waiters at once (else they find out by re-checking, more often).

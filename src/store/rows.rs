@@ -230,5 +230,20 @@ pub(crate) fn record(row: &impl StoredRow) -> Result<Record> {
 
 /// A lease the reaper aborted.
 pub(crate) fn reaped_lease(row: &impl StoredRow) -> Result<ReapedLease> {
-    Ok(ReapedLease { namespace: row.text("namespace")?, key: row.text("key")?, attempt: attempt_of(row)? })
+    Ok(ReapedLease {
+        namespace: row.text("namespace")?,
+        key: row.text("key")?,
+        attempt: attempt_of(row)?,
+        overdue: elapsed(row.time("lease_expires_at")?, row.time("updated_at")?),
+    })
+}
+
+/// How long past due a purged record was.
+pub(crate) fn purged_overdue(row: &impl StoredRow) -> Result<std::time::Duration> {
+    Ok(elapsed(row.time("due_at")?, row.time("purged_at")?))
+}
+
+/// From `since` to `until`; zero if the clock says `until` came first.
+fn elapsed(since: crate::domain::Timestamp, until: crate::domain::Timestamp) -> std::time::Duration {
+    (until - since).to_std().unwrap_or_default()
 }

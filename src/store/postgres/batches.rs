@@ -26,6 +26,7 @@ use crate::domain::{
     new_downstream_key, new_lease_token,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::store::rows::{acquired_lease, current_record};
 
 type Reply<A> = oneshot::Sender<Result<A>>;
@@ -41,7 +42,15 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     /// A batch still running after `limit` (a database gone silent) is
     /// given up, closing its connection, so the calls queued behind it
     /// reach the database again once it answers or the primary moves.
-    fn start<F, Fut>(workers: usize, max_batch: usize, window: Duration, limit: Duration, run: F) -> Self
+    /// Each batch's size is counted under `kind` in `metrics`.
+    fn start<F, Fut>(
+        workers: usize,
+        max_batch: usize,
+        window: Duration,
+        limit: Duration,
+        (kind, metrics): (&'static str, Option<Arc<Metrics>>),
+        run: F,
+    ) -> Self
     where
         F: Fn(Vec<Item<Q, A>>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send,
@@ -49,9 +58,12 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
         let (queue, receiver) = mpsc::channel(max_batch.max(1) * workers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..workers.max(1) {
-            let (run, receiver) = (run.clone(), Arc::clone(&receiver));
+            let (run, receiver, metrics) = (run.clone(), Arc::clone(&receiver), metrics.clone());
             tokio::spawn(async move {
                 while let Some(batch) = gather(&receiver, max_batch, window).await {
+                    if let Some(metrics) = &metrics {
+                        metrics.group_commit_batch(kind, batch.len());
+                    }
                     if tokio::time::timeout(limit, run(batch)).await.is_err() {
                         tracing::warn!(?limit, "a group commit batch outlasted the store timeout; given up");
                     }
@@ -79,12 +91,20 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the workers over the one-key statements.
-    pub fn start(store: SingleKey, workers: usize, max_batch: usize, window: Duration) -> Arc<Self> {
+    pub fn start(
+        store: SingleKey,
+        workers: usize,
+        max_batch: usize,
+        window: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Arc<Self> {
         let (begin_store, limit) = (store.clone(), store.store_timeout());
-        let begin =
-            Batcher::start(workers, max_batch, window, limit, move |batch| run_begins(begin_store.clone(), batch));
-        let complete =
-            Batcher::start(workers, max_batch, window, limit, move |batch| run_completes(store.clone(), batch));
+        let begin = Batcher::start(workers, max_batch, window, limit, ("begin", metrics.clone()), move |batch| {
+            run_begins(begin_store.clone(), batch)
+        });
+        let complete = Batcher::start(workers, max_batch, window, limit, ("complete", metrics), move |batch| {
+            run_completes(store.clone(), batch)
+        });
         Arc::new(GroupCommit { begin, complete })
     }
 }

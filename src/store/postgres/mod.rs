@@ -39,6 +39,7 @@ use crate::domain::{
     RecordId, Timestamp, micros,
 };
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::operator::{InvalidateRequest, ListQuery, ReleaseRequest, ResolveRequest};
 use crate::wakeups::Wakeups;
 
@@ -64,8 +65,9 @@ pub struct PgStore {
 impl PgStore {
     /// Builds the pools. Connections are opened on demand, so a database
     /// that is down at start-up surfaces as an error of the first use.
-    /// `wakeups` is woken directly when no LISTEN connection can relay.
-    pub fn connect_lazy(config: &DatabaseConfig, wakeups: Arc<Wakeups>) -> Result<Self> {
+    /// `wakeups` is woken directly when no LISTEN connection can relay;
+    /// `metrics`, when given, counts the group-commit batches.
+    pub fn connect_lazy(config: &DatabaseConfig, wakeups: Arc<Wakeups>, metrics: Option<Arc<Metrics>>) -> Result<Self> {
         let through_pooler = config.db_pooler == DbPooler::Transaction;
         let store_timeout = config.store_timeout;
         let direct_options = move |options: PgConnectOptions| {
@@ -122,6 +124,7 @@ impl PgStore {
                 config.group_commit_in_flight,
                 config.group_commit_max_batch,
                 config.group_commit_window,
+                metrics,
             )
         });
         Ok(PgStore { single, direct, local_wakeups, batchers, store_timeout })
@@ -269,10 +272,9 @@ impl Store for PgStore {
         Ok(reaped)
     }
 
-    async fn purge_expired(&self, limit: i64) -> Result<u64> {
-        let row = self.single.session().fetch_optional(|| sqlx::query(PURGE).bind(limit)).await?;
-        let purged: i64 = row.map(|row| row.try_get("purged")).transpose()?.unwrap_or(0);
-        Ok(u64::try_from(purged).unwrap_or(0))
+    async fn purge_expired(&self, limit: i64) -> Result<Vec<Duration>> {
+        let rows = self.single.session().fetch_all(|| sqlx::query(PURGE).bind(limit)).await?;
+        rows.iter().map(rows::purged_overdue).collect()
     }
 
     /// Only with LISTEN: through a transaction pooler without a direct URL,
@@ -303,7 +305,8 @@ impl Store for PgStore {
     fn pool_stats(&self) -> crate::metrics::PoolStats {
         let pool = self.single.session().pool();
         let idle = pool.num_idle() as u64;
-        crate::metrics::PoolStats { in_use: u64::from(pool.size()).saturating_sub(idle), idle }
+        let max = u64::from(pool.options().get_max_connections());
+        crate::metrics::PoolStats { in_use: u64::from(pool.size()).saturating_sub(idle), idle, max }
     }
 
     async fn close(&self) {

@@ -298,12 +298,12 @@ WITH due AS (
     FROM due
     WHERE r.namespace = due.namespace AND r.key = due.key
       AND r.state = 1 AND r.lease_expires_at <= now() AND r.expires_at > now()
-    RETURNING r.namespace, r.key, r.attempt, r.waiters, r.history_seq
+    RETURNING r.namespace, r.key, r.attempt, r.waiters, r.history_seq, r.lease_expires_at, r.updated_at
 ), history AS (
     INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, outcome_unknown)
     SELECT namespace, key, history_seq, now(), 4, attempt, 'reaper', $2, true FROM reaped
 )
-SELECT namespace, key, attempt, "#,
+SELECT namespace, key, attempt, lease_expires_at, updated_at, "#,
     notify_if_awaited!(),
     r#"
 FROM reaped
@@ -313,7 +313,8 @@ FROM reaped
 /// Expired records and their history; an invalidated record's row and
 /// history stay until its `tombstone_until`. A record past `expires_at` is
 /// never changed by a transition but its re-creation (the reaper skips it),
-/// so the history deleted here is all of the row's.
+/// so the history deleted here is all of the row's. One row per record
+/// deleted, with when it was due, for the purger's lag.
 pub(super) const PURGE: &str = r#"
 WITH due AS (
     SELECT namespace, key FROM idemd_records
@@ -326,11 +327,11 @@ WITH due AS (
     USING due
     WHERE r.namespace = due.namespace AND r.key = due.key
       AND r.expires_at <= now() AND (r.tombstone_until IS NULL OR r.tombstone_until <= now())
-    RETURNING r.namespace, r.key
+    RETURNING r.namespace, r.key, greatest(r.expires_at, r.tombstone_until) AS due_at
 ), history AS (
     DELETE FROM idemd_events e USING gone WHERE e.namespace = gone.namespace AND e.key = gone.key
 )
-SELECT count(*) AS purged FROM gone
+SELECT due_at, now() AS purged_at FROM gone
 "#;
 
 impl SingleKey {

@@ -203,7 +203,8 @@ WHERE state = 1 AND lease_expires_at <= $now AND expires_at > $now
   AND rowid IN (SELECT rowid FROM idemd_records
                 WHERE state = 1 AND lease_expires_at <= $now AND expires_at > $now
                 ORDER BY lease_expires_at LIMIT ?1)
-RETURNING namespace, key, attempt, updated_at, history_seq, abort_reason, outcome_unknown, 'reaper' AS principal
+RETURNING namespace, key, attempt, updated_at, history_seq, abort_reason, outcome_unknown, 'reaper' AS principal,
+    lease_expires_at
 "#;
 
 /// Expired records (an invalidated one at its `tombstone_until`) and then
@@ -214,7 +215,7 @@ WHERE expires_at <= $now AND (tombstone_until IS NULL OR tombstone_until <= $now
   AND rowid IN (SELECT rowid FROM idemd_records
                 WHERE expires_at <= $now AND (tombstone_until IS NULL OR tombstone_until <= $now)
                 ORDER BY expires_at LIMIT ?1)
-RETURNING namespace, key
+RETURNING namespace, key, max(expires_at, coalesce(tombstone_until, expires_at)) AS due_at, $now AS purged_at
 "#;
 
 const PURGE_HISTORY_SQL: &str = "DELETE FROM idemd_events WHERE namespace = ?1 AND key = ?2";
@@ -457,7 +458,7 @@ impl Store for SqliteStore {
         Ok(reaped)
     }
 
-    async fn purge_expired(&self, limit: i64) -> Result<u64> {
+    async fn purge_expired(&self, limit: i64) -> Result<Vec<Duration>> {
         let mut transaction = self.pool.begin().await?;
         let gone = sqlx::query(PURGE.as_str()).bind(limit).fetch_all(&mut *transaction).await?;
         for row in &gone {
@@ -468,7 +469,7 @@ impl Store for SqliteStore {
                 .await?;
         }
         transaction.commit().await?;
-        Ok(gone.len() as u64)
+        gone.iter().map(rows::purged_overdue).collect()
     }
 
     async fn ping(&self) -> Result<()> {
@@ -478,7 +479,8 @@ impl Store for SqliteStore {
 
     fn pool_stats(&self) -> crate::metrics::PoolStats {
         let idle = self.pool.num_idle() as u64;
-        crate::metrics::PoolStats { in_use: u64::from(self.pool.size()).saturating_sub(idle), idle }
+        let max = u64::from(self.pool.options().get_max_connections());
+        crate::metrics::PoolStats { in_use: u64::from(self.pool.size()).saturating_sub(idle), idle, max }
     }
 
     async fn close(&self) {
