@@ -117,10 +117,11 @@ struct Http {
     charged: Mutex<HashMap<String, u32>>,
 }
 
-/// A worker is told to crash after its 4th, 11th and 21st successful charge:
-/// every language crashes a few times, and not before it got going (a
-/// restart of a slow starter, a JVM, would otherwise hand all its payments
-/// to the others).
+/// The successful charges (counted from 0 per worker name) whose answer
+/// tells the worker to crash: the 9th, 21st and 41st. Every language crashes
+/// a few times, and not before it got going: a slow starter (a JVM) that
+/// crashed at once would restart after the others had taken all its
+/// payments.
 const CRASH_AFTER: [u32; 3] = [8, 20, 40];
 
 /// Serves the provider on loopback until the process ends:
