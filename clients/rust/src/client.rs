@@ -105,8 +105,10 @@ impl Client {
     }
 
     /// Connects lazily (at the first call) to idemd at `addr`:
-    /// `host:port` or `http://host:port`. For TLS (`https://`), build the
-    /// channel with tonic's TLS features and use [`Client::new`].
+    /// `host:port` or `http://host:port`. Call it inside a tokio runtime
+    /// (the connection's background task lives there). For TLS
+    /// (`https://`), build the channel with tonic's TLS features and use
+    /// [`Client::new`].
     pub fn connect_lazy(addr: &str, namespace: impl Into<String>, policy: Policy) -> Result<Self, Error> {
         let endpoint = endpoint(addr).map_err(|message| Error::invalid("", message))?;
         Client::new(endpoint.connect_lazy(), namespace, policy)

@@ -81,6 +81,13 @@ pub struct Response {
     pub content_type: String,
 }
 
+impl Response {
+    /// `Response::new(201, charge.to_json(), "application/json")`.
+    pub fn new(code: i32, body: impl Into<Vec<u8>>, content_type: impl Into<String>) -> Self {
+        Response { body: body.into(), code, content_type: content_type.into() }
+    }
+}
+
 /// How an operation failed.
 #[derive(Debug)]
 pub enum Failure<E> {

@@ -100,15 +100,9 @@ async fn charge_order(idemd: &Client, provider: &Provider, order: &Order) -> Res
         .run_once(&key, &fp, |attempt| async move {
             // The provider's idempotency key: a retry after a crash charges once.
             match provider.charge(&order.amount, &order.currency, &attempt.downstream_key).await {
-                Ok(charge) => {
-                    Ok(Response { body: charge.to_json(), code: 201, content_type: "application/json".into() })
-                }
+                Ok(charge) => Ok(Response::new(201, charge.to_json(), "application/json")),
                 // An answer: stored and replayed to every retry.
-                Err(ProviderError::Declined(reason)) => Err(Failure::Final(Response {
-                    body: reason.into_bytes(),
-                    code: 402,
-                    content_type: "text/plain".into(),
-                })),
+                Err(ProviderError::Declined(reason)) => Err(Failure::Final(Response::new(402, reason, "text/plain"))),
                 // Sent, no answer: it may have charged.
                 Err(error @ ProviderError::Timeout) => Err(Failure::OutcomeUnknown(error)),
                 // Refused (a 5xx, "idempotency key in use"): nothing happened.
@@ -152,17 +146,11 @@ async fn charge_order_reconciled(idemd: &Client, provider: &Provider, order: &Or
             // Only when attempt.previous says its outcome is unknown: what does the provider hold?
             |attempt| async move {
                 let found = provider.find_by_metadata("idempotency_key", &attempt.downstream_key).await?;
-                Ok(found.map(|charge| Response {
-                    body: charge.to_json(),
-                    code: 201,
-                    content_type: "application/json".into(),
-                }))
+                Ok(found.map(|charge| Response::new(201, charge.to_json(), "application/json")))
             },
             |attempt| async move {
                 match provider.charge(&order.amount, &order.currency, &attempt.downstream_key).await {
-                    Ok(charge) => {
-                        Ok(Response { body: charge.to_json(), code: 201, content_type: "application/json".into() })
-                    }
+                    Ok(charge) => Ok(Response::new(201, charge.to_json(), "application/json")),
                     Err(error @ ProviderError::Timeout) => Err(Failure::OutcomeUnknown(error)),
                     Err(error) => Err(Failure::Retryable(error)),
                 }
