@@ -164,7 +164,10 @@ async fn worker(
                 client.run_once(&key, &fp, operation).await
             }
         };
-        // A crashed worker is one whose call never returns: cut it off.
+        // A crashed worker is one whose call never returns: cut it off. The
+        // client then ends the lease at once as outcome-unknown (a dropped
+        // call does); a process that dies leaves it to expire, which the
+        // run with other languages shows.
         match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(done)) => return Some(done.response),
             Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await,
