@@ -95,6 +95,7 @@ fn settings() -> Settings {
     }
     // As API.md advises: reconcile when the provider does not deduplicate.
     let reconcile = reconcile.unwrap_or(!provider_dedup);
+    assert!(!languages.is_empty(), "--languages: name at least one of {:?}", polyglot::LANGUAGES);
     for language in &languages {
         assert!(
             polyglot::LANGUAGES.contains(&language.as_str()),
