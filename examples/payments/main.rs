@@ -15,24 +15,27 @@
 //!   provider failures (aborted and retried), declined cards (stored and
 //!   replayed), and workers that crash between charging and completing.
 //!
+//! With `--languages rust` (the default) all of it runs in this process,
+//! the workers as tasks. With other languages (`--languages
+//! rust,python,typescript,go,java`) the provider serves HTTP on loopback and
+//! the workers are processes of each language racing for the same payments
+//! through their own client, some of them exiting between charging and
+//! completing (see `polyglot.rs`; `payments worker` is the Rust one).
+//!
 //! It prints a ledger and ends with `double charges: <n>` (exit 1 unless 0
 //! and every payment finished). Run it with `examples/payments/run`.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod polyglot;
+mod provider;
+mod worker;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use idemd_client::{Attempt, Client, Failure, Policy, Response, entity_key, fingerprint};
+use provider::{Provider, ProviderError, ProviderResult};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// What the provider answers for one idempotency key.
-#[derive(Clone, Debug)]
-enum ProviderResult {
-    Charged { charge_id: String },
-    Declined,
-}
 
 impl ProviderResult {
     /// The answer the payment service stores: the same whether the charge
@@ -49,82 +52,6 @@ impl ProviderResult {
     }
 }
 
-#[derive(Default)]
-struct Provider {
-    /// Whether a repeated idempotency key gets the first answer back (like
-    /// Stripe) or is charged again.
-    deduplicates: bool,
-    /// idempotency key → every answer given for it, oldest first.
-    by_key: Mutex<HashMap<String, Vec<ProviderResult>>>,
-    /// payment → charges actually created for it.
-    charges_per_payment: Mutex<HashMap<String, u32>>,
-    raw_calls: AtomicU64,
-    deduplicated: AtomicU64,
-    transient_failures: AtomicU64,
-    timeouts_after_charging: AtomicU64,
-    lookups: AtomicU64,
-    lookups_found: AtomicU64,
-}
-
-enum ProviderError {
-    /// Refused before anything was charged.
-    Transient,
-    /// Done, but the answer never reached the caller.
-    Timeout,
-}
-
-impl Provider {
-    /// A charge request. Transient failures happen before anything is
-    /// charged; timeouts after it.
-    fn charge(
-        &self,
-        idempotency_key: &str,
-        payment: &str,
-        declined: bool,
-        fail: bool,
-        time_out: bool,
-    ) -> Result<ProviderResult, ProviderError> {
-        self.raw_calls.fetch_add(1, Ordering::SeqCst);
-        if fail {
-            self.transient_failures.fetch_add(1, Ordering::SeqCst);
-            return Err(ProviderError::Transient);
-        }
-        let mut by_key = self.by_key.lock().expect("provider");
-        if self.deduplicates
-            && let Some(first) = by_key.get(idempotency_key).and_then(|answers| answers.first())
-        {
-            // Without the key this call would have charged the customer again.
-            self.deduplicated.fetch_add(1, Ordering::SeqCst);
-            return Ok(first.clone());
-        }
-        let result = if declined {
-            ProviderResult::Declined
-        } else {
-            let mut per_payment = self.charges_per_payment.lock().expect("provider");
-            let count = per_payment.entry(payment.to_string()).or_insert(0);
-            *count += 1;
-            ProviderResult::Charged { charge_id: format!("ch_{}_{}", payment, count) }
-        };
-        by_key.entry(idempotency_key.to_string()).or_default().push(result.clone());
-        if time_out {
-            self.timeouts_after_charging.fetch_add(1, Ordering::SeqCst);
-            return Err(ProviderError::Timeout);
-        }
-        Ok(result)
-    }
-
-    /// The first answer given for an idempotency key, if any: how a caller
-    /// finds out what an attempt whose answer it lost did.
-    fn find(&self, idempotency_key: &str) -> Option<ProviderResult> {
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        let found = self.by_key.lock().expect("provider").get(idempotency_key).and_then(|a| a.first()).cloned();
-        if found.is_some() {
-            self.lookups_found.fetch_add(1, Ordering::SeqCst);
-        }
-        found
-    }
-}
-
 struct Settings {
     payments: u64,
     workers: u64,
@@ -132,6 +59,8 @@ struct Settings {
     provider_dedup: bool,
     reconcile: bool,
     addr: String,
+    /// The languages whose workers race: `["rust"]` runs in-process.
+    languages: Vec<String>,
 }
 
 fn on_off(flag: &str, value: &str) -> bool {
@@ -145,6 +74,7 @@ fn on_off(flag: &str, value: &str) -> bool {
 fn settings() -> Settings {
     let (mut payments, mut workers, mut seed, mut provider_dedup, mut reconcile) = (200, 3, 42, true, None);
     let mut addr = std::env::var("IDEMD_ADDR").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
+    let mut languages = vec!["rust".to_string()];
     let args: Vec<String> = std::env::args().skip(1).collect();
     for pair in args.chunks(2) {
         let value = pair.get(1).cloned().unwrap_or_default();
@@ -156,15 +86,24 @@ fn settings() -> Settings {
             "--provider-dedup" => provider_dedup = on_off(&pair[0], &value),
             "--reconcile" => reconcile = Some(on_off(&pair[0], &value)),
             "--addr" => addr = value,
+            "--languages" => languages = value.split(',').filter(|l| !l.is_empty()).map(str::to_string).collect(),
             other => panic!(
                 "unknown argument {other}: use --payments N --workers N --seed N \
-                 --provider-dedup on|off --reconcile on|off --addr URL"
+                 --provider-dedup on|off --reconcile on|off --addr URL --languages rust,python,typescript,go,java"
             ),
         }
     }
     // As API.md advises: reconcile when the provider does not deduplicate.
     let reconcile = reconcile.unwrap_or(!provider_dedup);
-    Settings { payments, workers, seed, provider_dedup, reconcile, addr }
+    assert!(!languages.is_empty(), "--languages: name at least one of {:?}", polyglot::LANGUAGES);
+    for language in &languages {
+        assert!(
+            polyglot::LANGUAGES.contains(&language.as_str()),
+            "--languages: {language}? one of {:?}",
+            polyglot::LANGUAGES
+        );
+    }
+    Settings { payments, workers, seed, provider_dedup, reconcile, addr, languages }
 }
 
 async fn wait_until_ready(addr: &str) {
@@ -195,8 +134,7 @@ async fn worker(
     let key = entity_key(&payment_id, "charge");
     let amount = (1000 + payment * 7).to_string();
     let fp = fingerprint(&[("payment", payment_id.as_bytes()), ("amount", amount.as_bytes()), ("currency", b"EUR")]);
-    // A card is declined or not whoever asks: decided by the payment.
-    let declined = payment % 17 == 3;
+    let declined = provider::declined(payment);
     for _ in 0..60 {
         let (fail, crash) = (rng.random_bool(0.15), rng.random_bool(0.15));
         // Drawn only without deduplication, so that the default run's
@@ -227,7 +165,10 @@ async fn worker(
                 client.run_once(&key, &fp, operation).await
             }
         };
-        // A crashed worker is one whose call never returns: cut it off.
+        // A crashed worker is one whose call never returns: cut it off. The
+        // client then ends the lease at once as outcome-unknown (a dropped
+        // call does); a process that dies leaves it to expire, which the
+        // run with other languages shows.
         match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(done)) => return Some(done.response),
             Ok(Err(_)) | Err(_) => tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await,
@@ -238,8 +179,20 @@ async fn worker(
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        return worker::run().await;
+    }
     let settings = &settings();
     wait_until_ready(&settings.addr).await;
+    let ok = if settings.languages == ["rust"] { in_process(settings).await } else { polyglot::run(settings).await };
+    if !ok {
+        std::process::exit(1);
+    }
+}
+
+/// Every worker a task of this process, the provider called directly.
+/// Returns whether every payment was charged once and answered alike.
+async fn in_process(settings: &Settings) -> bool {
     let policy = Policy {
         lease_ttl: Duration::from_secs(1),
         wait: Duration::from_millis(500),
@@ -247,7 +200,7 @@ async fn main() {
         ..Policy::default()
     };
     let client = Client::connect_lazy(&settings.addr, "demo-payments", policy).expect("address");
-    let provider = Provider { deduplicates: settings.provider_dedup, ..Provider::default() };
+    let provider = Provider::new(settings.provider_dedup);
     let started = std::time::Instant::now();
 
     let answers: Vec<Vec<Option<Response>>> = futures::future::join_all((0..settings.payments).map(|payment| {
@@ -305,7 +258,5 @@ async fn main() {
     }
     println!("run time:                        {:.1?}", started.elapsed());
     println!("double charges: {double}");
-    if double > 0 || finished != settings.payments as usize || disagreements > 0 {
-        std::process::exit(1);
-    }
+    double == 0 && finished == settings.payments as usize && disagreements == 0
 }

@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idemd_client::{Attempt, Client, Failure, Policy, Response, RunError, fingerprint};
+use idemd_client::{Attempt, Client, ErrorKind, Failure, Policy, Response, fingerprint};
 
 use crate::helpers::*;
 
 fn client(app: &TestApp, policy: Policy) -> Client {
-    Client::new(app.channel(), NS, policy)
+    Client::new(app.channel(), NS, policy).expect("a valid namespace and policy")
 }
 
 fn quick() -> Policy {
@@ -43,7 +43,7 @@ async fn first_call_runs_and_a_repeat_replays(backend: Backend) {
     assert_eq!(again.response, first.response);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     let other = client.run_once("order-1", &fingerprint(&[("amount", b"2000")]), operation).await;
-    assert!(matches!(other, Err(RunError::FingerprintMismatch)), "{other:?}");
+    assert_eq!(other.map_err(|e| e.kind()).err(), Some(ErrorKind::FingerprintMismatch));
 }
 
 async fn concurrent_duplicates_run_it_once(backend: Backend) {
@@ -80,7 +80,8 @@ async fn a_retryable_failure_aborts_and_the_retry_runs_again(backend: Backend) {
             async { Err::<Response, _>(Failure::Retryable("provider 503")) }
         })
         .await;
-    assert!(matches!(result, Err(RunError::Retryable("provider 503"))), "{result:?}");
+    let error = result.expect_err("a retryable failure");
+    assert_eq!((error.kind(), error.operation_error()), (ErrorKind::Retryable, Some(&"provider 503")));
     let record = app.lookup("order-3").await.expect("lookup");
     assert_eq!(record.state, idemd::pb::State::Aborted as i32);
     let done = client
@@ -148,7 +149,7 @@ async fn a_long_operation_keeps_its_lease_through_heartbeats(backend: Backend) {
             })
             .await;
         match duplicate {
-            Err(RunError::InProgress) => {}
+            Err(busy) if busy.kind() == ErrorKind::InProgress => {}
             Ok(done) => assert!(done.replayed && done.response == ok("slow charge"), "{done:?}"),
             Err(other) => panic!("{other:?}"),
         }
@@ -163,20 +164,22 @@ async fn a_crashed_caller_is_recovered_after_its_lease_expires(backend: Backend)
     let policy = Policy { lease_ttl: Duration::from_secs(1), ..quick() };
     let client = client(&app, policy);
     let first_key = Arc::new(std::sync::Mutex::new(String::new()));
-    // The caller charges, then hangs forever; its task is dropped (the crash).
-    let crashed = {
-        let (client, first_key) = (client.clone(), Arc::clone(&first_key));
-        tokio::spawn(async move {
-            client
-                .run_once("order-6", b"fp", |attempt| async move {
-                    *first_key.lock().expect("key") = attempt.downstream_key;
-                    std::future::pending::<Result<Response, Failure<()>>>().await
-                })
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    crashed.abort();
+    // The caller charges, then its process dies: nothing of it runs again,
+    // not its heartbeats and not even its destructors (a dropped call would
+    // end its lease at once), so only the lease's expiry frees the key.
+    let (running, is_running) = tokio::sync::oneshot::channel();
+    let mut crashed = Box::pin(client.run_once("order-6", b"fp", |attempt| {
+        *first_key.lock().expect("key") = attempt.downstream_key;
+        async move {
+            let _ = running.send(());
+            std::future::pending::<Result<Response, Failure<()>>>().await
+        }
+    }));
+    tokio::select! {
+        _ = &mut crashed => panic!("the call returned"),
+        _ = is_running => {}
+    }
+    std::mem::forget(crashed);
     let done = client
         .run_once("order-6", b"fp", |attempt| {
             let first = first_key.lock().expect("key").clone();

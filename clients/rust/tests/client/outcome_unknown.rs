@@ -1,84 +1,19 @@
 //! `run_once` against a real idemd when an attempt's outcome is unknown:
 //! what the abort records, and when the reconcile hook runs.
-//!
-//! Starts the server binary named by `IDEMD_BIN` (default: the workspace's
-//! `target/debug/idemd`, which `cargo build --bin idemd` makes) on a fresh
-//! SQLite file per test.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use idemd_client::pb::{self, AbortedBy, State};
-use idemd_client::{Attempt, Client, Done, Failure, Policy, Response, RunError};
-use tonic::Code;
+use idemd_client::pb::{AbortedBy, State};
+use idemd_client::{Attempt, Client, Done, Error, ErrorKind, Failure, Policy, Response};
 
-const NS: &str = "rust-payments";
+use crate::helpers::*;
 
-/// A running idemd, killed when the test ends (also when it fails).
-struct Server {
-    process: Child,
-    folder: PathBuf,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-        let _ = std::fs::remove_dir_all(&self.folder);
-    }
-}
-
-async fn start_idemd() -> Server {
-    let binary = std::env::var("IDEMD_BIN")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/debug/idemd").to_string());
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    let folder = std::env::temp_dir().join(format!("idemd-client-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&folder).expect("temp dir");
-    let process = Command::new(&binary)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "127.0.0.1:0"])
-        .arg("--database-url")
-        .arg(format!("sqlite://{}/idemd.db", folder.display()))
-        .args(["--reaper-interval", "100ms"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {binary} ({e}): set IDEMD_BIN or run `cargo build --bin idemd`"));
-    let server = Server { process, folder, addr: format!("http://127.0.0.1:{port}") };
-    let probe = client(&server, quick());
-    for _ in 0..300 {
-        let request = pb::LookupRequest { namespace: NS.into(), key: "startup".into() };
-        match probe.grpc().lookup(request).await {
-            Err(status) if status.code() == Code::NotFound => return server,
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    panic!("idemd did not start");
-}
-
-fn client(server: &Server, policy: Policy) -> Client {
-    Client::connect_lazy(&server.addr, NS, policy).expect("address")
-}
-
-fn quick() -> Policy {
-    Policy {
-        lease_ttl: Duration::from_secs(2),
-        wait: Duration::from_secs(2),
-        in_progress_budget: Duration::from_secs(15),
-        ..Policy::default()
-    }
-}
-
-fn ok(body: &str) -> Response {
-    Response { body: body.as_bytes().to_vec(), code: 201, content_type: "text/plain".into() }
-}
-
-async fn lookup(client: &Client, key: &str) -> pb::Record {
-    let request = pb::LookupRequest { namespace: NS.into(), key: key.into() };
-    client.grpc().lookup(request).await.expect("lookup").into_inner().record.expect("a record")
+/// The kind and the operation's own error of a failed call.
+fn failed(result: Result<Done, Error<&str>>) -> (ErrorKind, Option<&str>) {
+    let error = result.expect_err("a failed call");
+    (error.kind(), error.into_operation_error().ok())
 }
 
 /// Attempt 1 charges and its answer is lost.
@@ -90,7 +25,7 @@ async fn charge_then_time_out(client: &Client, key: &str) -> Attempt {
             async { Err::<Response, _>(Failure::OutcomeUnknown("provider timeout")) }
         })
         .await;
-    assert!(matches!(result, Err(RunError::OutcomeUnknown("provider timeout"))), "{result:?}");
+    assert_eq!(failed(result), (ErrorKind::OutcomeUnknown, Some("provider timeout")));
     seen.into_inner().expect("seen").expect("the operation ran")
 }
 
@@ -112,7 +47,7 @@ async fn an_unknown_outcome_is_recorded_and_handed_to_the_next_attempt() {
     let first = charge_then_time_out(&client, "order-1").await;
     assert_eq!(first.previous, None, "attempt 1 has no predecessor");
 
-    let record = lookup(&client, "order-1").await;
+    let record = lookup(&server, "order-1").await;
     assert_eq!(record.state, State::Aborted as i32);
     assert!(record.outcome_unknown);
     assert_eq!(record.aborted_by, AbortedBy::Caller as i32);
@@ -146,8 +81,8 @@ async fn after_a_retryable_failure_nothing_is_reconciled() {
             Err::<Response, _>(Failure::Retryable("provider 503"))
         })
         .await;
-    assert!(matches!(result, Err(RunError::Retryable("provider 503"))), "{result:?}");
-    assert!(!lookup(&client, "order-2").await.outcome_unknown);
+    assert_eq!(failed(result), (ErrorKind::Retryable, Some("provider 503")));
+    assert!(!lookup(&server, "order-2").await.outcome_unknown);
 
     let done = client
         .run_once_with_reconcile("order-2", b"fp", hook(&calls, Ok(Some(ok("wrong")))), |attempt| async move {
@@ -182,7 +117,7 @@ async fn a_reconciled_result_is_stored_without_running_the_operation() {
     assert_eq!(calls[0].downstream_key, first.downstream_key, "the hook looks up the first attempt's key");
     assert!(calls[0].previous.as_ref().is_some_and(|p| p.outcome_unknown && p.attempt == 1));
 
-    let record = lookup(&client, "order-3").await;
+    let record = lookup(&server, "order-3").await;
     assert_eq!((record.state, record.response), (State::Completed as i32, b"ch_3".to_vec()));
     let replay = client.run_once("order-3", b"fp", |_| async { Ok::<_, Failure<()>>(ok("again")) }).await;
     assert_eq!(replay.expect("replay").response, ok("ch_3"));
@@ -218,9 +153,9 @@ async fn a_failed_hook_leaves_the_outcome_unknown() {
             async { Ok::<_, Failure<&'static str>>(ok("second charge")) }
         })
         .await;
-    assert!(matches!(result, Err(RunError::OutcomeUnknown("lookup 503"))), "{result:?}");
+    assert_eq!(failed(result), (ErrorKind::OutcomeUnknown, Some("lookup 503")));
     assert_eq!(runs.load(Ordering::SeqCst), 0, "no charge while the first one may exist");
-    let record = lookup(&client, "order-5").await;
+    let record = lookup(&server, "order-5").await;
     assert_eq!((record.state, record.attempt, record.outcome_unknown), (State::Aborted as i32, 2, true));
 
     let done = client
@@ -242,8 +177,8 @@ async fn a_retryable_failure_keeps_an_unreconciled_unknown_outcome() {
     charge_then_time_out(&client, "order-6").await;
     // Without a hook nobody checked attempt 1: the record must keep saying so.
     let result = client.run_once("order-6", b"fp", |_| async { Err::<Response, _>(Failure::Retryable("503")) }).await;
-    assert!(matches!(result, Err(RunError::OutcomeUnknown("503"))), "{result:?}");
-    let record = lookup(&client, "order-6").await;
+    assert_eq!(failed(result), (ErrorKind::OutcomeUnknown, Some("503")));
+    let record = lookup(&server, "order-6").await;
     assert_eq!((record.attempt, record.outcome_unknown), (2, true));
 
     // With a hook that found nothing, the retryable failure is just that.
@@ -253,9 +188,9 @@ async fn a_retryable_failure_keeps_an_unreconciled_unknown_outcome() {
             Err::<Response, _>(Failure::Retryable("503"))
         })
         .await;
-    assert!(matches!(result, Err(RunError::Retryable("503"))), "{result:?}");
+    assert_eq!(failed(result), (ErrorKind::Retryable, Some("503")));
     assert_eq!(calls.lock().expect("calls").len(), 1);
-    let record = lookup(&client, "order-6").await;
+    let record = lookup(&server, "order-6").await;
     assert_eq!((record.attempt, record.outcome_unknown), (3, false));
 }
 
@@ -263,17 +198,19 @@ async fn a_retryable_failure_keeps_an_unreconciled_unknown_outcome() {
 async fn an_expired_lease_is_reconciled() {
     let server = start_idemd().await;
     let client = client(&server, Policy { lease_ttl: Duration::from_secs(1), ..quick() });
-    // The caller charges, then hangs; its task is dropped (the crash).
-    let crashed = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            client
-                .run_once("order-7", b"fp", |_| async { std::future::pending::<Result<Response, Failure<()>>>().await })
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    crashed.abort();
+    // The caller charges, then its process dies: nothing of it runs again,
+    // not its heartbeats and not even its destructors (which would end the
+    // lease at once), so only the lease's expiry ends the attempt.
+    let (running, is_running) = tokio::sync::oneshot::channel();
+    let mut crashed = Box::pin(client.run_once("order-7", b"fp", |_| async {
+        let _ = running.send(());
+        std::future::pending::<Result<Response, Failure<()>>>().await
+    }));
+    tokio::select! {
+        _ = &mut crashed => panic!("the call returned"),
+        _ = is_running => {}
+    }
+    std::mem::forget(crashed);
     let calls = Mutex::new(Vec::new());
     let done = client
         .run_once_with_reconcile("order-7", b"fp", hook(&calls, Ok(Some(ok("ch_7")))), |_| async {
