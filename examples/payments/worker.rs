@@ -87,7 +87,13 @@ pub async fn run() {
         in_progress_budget: Duration::from_secs(2),
         ..Policy::default()
     };
-    let client = Client::connect_lazy(&env("IDEMD_ADDR"), env("NAMESPACE"), policy).expect("IDEMD_ADDR and NAMESPACE");
+    let client = match Client::connect_lazy(&env("IDEMD_ADDR"), env("NAMESPACE"), policy) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("IDEMD_ADDR, NAMESPACE: {error}");
+            std::process::exit(2);
+        }
+    };
     // The first call opens the connection: done before the race; its
     // failure is no matter.
     let warm_up = format!("warm-up-{}", rand::rng().random::<u64>());
