@@ -774,7 +774,7 @@ async fn history_is_purged_with_its_record(backend: Backend) {
     .await;
     let mut short = begin_req("short");
     short.retention = secs(1);
-    short.lease_ttl = secs(1);
+    // Complete sets expires_at to now + retention whatever the lease was.
     let acquired = app.acquire(short).await;
     app.complete("short", &acquired.lease_token, b"ok").await.expect("complete");
     let kept = app.acquire(begin_req("kept")).await;
