@@ -22,6 +22,8 @@ async fn reaper_aborts_a_crashed_callers_lease(backend: Backend) {
     assert_eq!(record.aborted_by, pb::AbortedBy::Reaper as i32);
     assert_eq!(record.attempt, 1);
 
+    // The retry completes below: its lease must outlast a busy machine's pauses.
+    request.lease_ttl = secs(60);
     let retry = app.acquire(request).await;
     assert_eq!(retry.attempt, 2);
     assert_eq!(retry.downstream_key, crashed.downstream_key, "the provider dedupes the retry");
@@ -46,7 +48,7 @@ async fn purger_deletes_expired_records(backend: Backend) {
     .await;
     let mut short = begin_req("short");
     short.retention = secs(1);
-    short.lease_ttl = secs(1);
+    // Complete sets expires_at to now + retention whatever the lease was.
     let acquired = app.acquire(short).await;
     app.complete("short", &acquired.lease_token, b"ok").await.expect("complete");
     let kept = app.acquire(begin_req("kept")).await;
