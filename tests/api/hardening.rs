@@ -310,6 +310,7 @@ async fn one_credential_gets_one_share_whatever_namespaces_it_spreads_over() {
     .await;
     let mut client = app.client.clone();
     let mut passed = 0;
+    let started = std::time::Instant::now();
     for i in 0..20 {
         let request = pb::LookupRequest { namespace: format!("pay.n{i}"), key: "k".into() };
         match client.lookup(authed(request, &spreader)).await {
@@ -319,7 +320,10 @@ async fn one_credential_gets_one_share_whatever_namespaces_it_spreads_over() {
             _ => passed += 1,
         }
     }
-    assert!(passed <= 6, "{passed} of 20 calls passed a rate of 5/s");
+    // A burst of 5, and 5 more per second the calls took: a loaded machine
+    // that takes long over them earns the credential more calls, not 20.
+    let earned = 5 + (5.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(passed <= earned.min(19), "{passed} of 20 calls passed a rate of 5/s in {:?}", started.elapsed());
     // The other tenant's allowance is its own.
     client.begin(authed(begin_req("own share"), &other)).await.expect("another credential");
 
