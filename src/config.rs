@@ -197,6 +197,13 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
 
+    /// Address of a plaintext port serving only the gRPC health service
+    /// (liveness `""`, readiness `idemd.v1.Idempotency` and `idemd.v1.Admin`),
+    /// for probes that cannot speak TLS, such as Kubernetes' gRPC probes.
+    /// Unset: health is served on the gRPC port only.
+    #[arg(long, env = "IDEMD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     #[command(flatten)]
     pub database: DatabaseConfig,
 
@@ -292,6 +299,18 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub connection_idle_timeout: Duration,
 
+    /// A connection older than this (±10 %, so that a fleet's clients do not
+    /// reconnect at once) is closed gracefully: the client reconnects, and
+    /// through a Service that balances connections, lands on any replica,
+    /// new ones included. Unset: connections live until idle or shutdown.
+    #[arg(long, env = "IDEMD_MAX_CONNECTION_AGE", value_parser = duration)]
+    pub max_connection_age: Option<Duration>,
+
+    /// Calls still running this long after a connection's --max-connection-age
+    /// close began are cut (the client sees UNAVAILABLE and retries).
+    #[arg(long, env = "IDEMD_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = duration)]
+    pub max_connection_age_grace: Duration,
+
     /// Longest a request's body (each message, for a stream) may take to
     /// arrive after its headers, whatever the caller's grpc-timeout.
     #[arg(long, env = "IDEMD_REQUEST_READ_TIMEOUT", default_value = "5s", value_parser = duration)]
@@ -305,7 +324,9 @@ pub struct ServeConfig {
     #[arg(long, env = "IDEMD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Do not apply migrations at start-up (run `idemd migrate` instead).
+    /// Do not apply migrations at start-up (run `idemd migrate` instead, for
+    /// example in an init container); readiness then stays NOT_SERVING until
+    /// the database has every migration this binary knows.
     #[arg(long, env = "IDEMD_NO_MIGRATE")]
     pub no_migrate: bool,
 }
@@ -420,6 +441,15 @@ impl ServeConfig {
                 "IDEMD_CONNECTION_IDLE_TIMEOUT",
                 "must be between 1s and 24h",
             ));
+        }
+        if self
+            .max_connection_age
+            .is_some_and(|age| !(Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600)).contains(&age))
+        {
+            return Err(bad("--max-connection-age", "IDEMD_MAX_CONNECTION_AGE", "must be between 1s and 7 days"));
+        }
+        if self.max_connection_age_grace > Duration::from_secs(3600) {
+            return Err(bad("--max-connection-age-grace", "IDEMD_MAX_CONNECTION_AGE_GRACE", "must be at most 1h"));
         }
         if self.max_concurrent_streams == 0 {
             return Err(bad("--max-concurrent-streams", "IDEMD_MAX_CONCURRENT_STREAMS", "must be at least 1"));

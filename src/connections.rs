@@ -10,6 +10,9 @@
 //! - an idle timeout: a connection with no open stream for that long is
 //!   closed gracefully (GOAWAY; gRPC clients reconnect on their next call);
 //! - HTTP/2 keepalive pings, so a peer that stopped answering is dropped;
+//! - a maximum age (optional): an older connection is closed gracefully, so
+//!   that clients reconnect and a connection-balancing Service spreads them
+//!   over the replicas there are now; calls outliving the grace are cut;
 //! - when every slot is taken, a new connection takes the slot of the
 //!   connection least worth keeping: one that never made an authenticated
 //!   call and has no open stream, then one that never authenticated, then
@@ -52,6 +55,19 @@ pub struct ConnectionPolicy {
     pub first_request_timeout: Duration,
     /// With no open stream for this long, a connection is closed.
     pub idle_timeout: Duration,
+    /// A connection this old (±10 %) is closed gracefully; `None`: no limit.
+    pub max_age: Option<Duration>,
+    /// How long the calls of a connection closed for its age may go on.
+    pub max_age_grace: Duration,
+}
+
+impl ConnectionPolicy {
+    /// When a connection accepted at `accepted` is closed for its age: the
+    /// maximum age ±10 %, so that connections opened together (a fleet of
+    /// clients started by one rollout) do not all reconnect at once.
+    fn aged_at(&self, accepted: Instant) -> Option<Instant> {
+        self.max_age.map(|age| accepted + age.mul_f64(rand::random_range(0.9..=1.1)))
+    }
 }
 
 /// One open connection, shared by its serving task, the slot table and
@@ -402,6 +418,9 @@ pub async fn drive<C: ServedConnection>(connection: C, slot: Slot, drain: Cancel
     // When a graceful close began; the server's drain has its own grace.
     let mut closing: Option<Instant> = None;
     let mut draining = false;
+    let aged_at = policy.aged_at(state.accepted);
+    // When calls still open on a connection closed for its age are cut.
+    let mut cut_at: Option<Instant> = None;
     loop {
         let now = Instant::now();
         let check = match (closing, state.next_check(&policy)) {
@@ -434,6 +453,18 @@ pub async fn drive<C: ServedConnection>(connection: C, slot: Slot, drain: Cancel
                 break;
             }
             _ = state.close_now.cancelled() => break,
+            _ = sleep_until_some(aged_at), if cut_at.is_none() && !draining => {
+                tracing::debug!(port, "connection reached --max-connection-age; closing it gracefully");
+                if closing.is_none() {
+                    connection.as_mut().close_gracefully();
+                    closing = Some(Instant::now());
+                }
+                cut_at = Some(Instant::now() + policy.max_age_grace);
+            }
+            _ = sleep_until_some(cut_at) => {
+                tracing::debug!(port, "calls outlived --max-connection-age-grace; connection dropped");
+                break;
+            }
             _ = state.close_gracefully.cancelled(), if closing.is_none() => {
                 connection.as_mut().close_gracefully();
                 closing = Some(Instant::now());
@@ -450,6 +481,14 @@ pub async fn drive<C: ServedConnection>(connection: C, slot: Slot, drain: Cancel
         }
     }
     drop(slot);
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs `handshake` (TLS) within the first-request deadline, or drops the
@@ -542,6 +581,8 @@ mod tests {
             max_connections: max,
             first_request_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            max_age: None,
+            max_age_grace: Duration::from_secs(30),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Readiness: `idemd.v1.Idempotency` is SERVING only while the store
-//! answers a probe, and NOT_SERVING from the moment shutdown begins.
-//! Liveness (service `""`) stays SERVING while the process runs.
+//! answers a probe (and, with `--no-migrate`, once the database has every
+//! migration this binary knows), and NOT_SERVING from the moment shutdown
+//! begins. Liveness (service `""`) stays SERVING while the process runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,11 +71,44 @@ impl Readiness {
     }
 }
 
-/// Probes the store every 500 ms until `stop`, reporting readiness.
-pub fn spawn_readiness_probe<S: Store>(store: S, readiness: Readiness, stop: CancellationToken) -> JoinHandle<()> {
+/// Probes the store every 500 ms until `stop`, reporting readiness. With
+/// `schema_checked` false (migrations left to `idemd migrate`), the probe
+/// also waits for the schema: a replica of a new release started before its
+/// migrations ran must not take calls its statements cannot serve.
+pub fn spawn_readiness_probe<S: Store>(
+    store: S,
+    readiness: Readiness,
+    mut schema_checked: bool,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut last_missing = None;
         loop {
+            if !schema_checked {
+                match tokio::time::timeout(PROBE_TIMEOUT, store.missing_migrations()).await {
+                    Ok(Ok(0)) => {
+                        tracing::info!("the database has every migration this binary knows");
+                        schema_checked = true;
+                    }
+                    Ok(Ok(missing)) if last_missing != Some(missing) => {
+                        tracing::warn!(
+                            missing,
+                            "migrations not applied yet (--no-migrate): not ready until `idemd migrate` ran"
+                        );
+                        last_missing = Some(missing);
+                    }
+                    Ok(Ok(_)) => {}
+                    // A database never migrated has no migrations table.
+                    Ok(Err(error)) if last_missing != Some(usize::MAX) => {
+                        tracing::warn!(%error, "cannot read the applied migrations (--no-migrate): not ready until `idemd migrate` ran");
+                        last_missing = Some(usize::MAX);
+                    }
+                    Ok(Err(_)) => {}
+                    Err(_) => tracing::debug!("schema check timed out"),
+                }
+            }
             let status = match tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
+                Ok(Ok(())) if !schema_checked => ServingStatus::NotServing,
                 Ok(Ok(())) => ServingStatus::Serving,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "readiness probe failed");

@@ -81,6 +81,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// `/metrics`; `None` serves no metrics endpoint (the registry still counts).
     pub metrics: Option<TcpListener>,
+    /// The plaintext health-only port (`--health-listen`), if any.
+    pub health: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -92,7 +94,15 @@ impl Listeners {
         let metrics = TcpListener::bind(config.metrics_listen).await.with_context(|| {
             format!("cannot listen on {} (--metrics-listen, IDEMD_METRICS_LISTEN)", config.metrics_listen)
         })?;
-        Ok(Listeners { grpc, metrics: Some(metrics) })
+        let health = match config.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--health-listen, IDEMD_HEALTH_LISTEN)"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { grpc, metrics: Some(metrics), health })
     }
 }
 
@@ -161,7 +171,7 @@ async fn serve<S: Store>(
     let Shared { wakeups, metrics, background, mut tasks } = shared;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness::new(reporter).await;
-    tasks.push(health::spawn_readiness_probe(store.clone(), readiness.clone(), background.clone()));
+    tasks.push(health::spawn_readiness_probe(store.clone(), readiness.clone(), !config.no_migrate, background.clone()));
     {
         let store = store.clone();
         metrics.observe_pool(move || store.pool_stats());
@@ -172,7 +182,8 @@ async fn serve<S: Store>(
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(metrics = %addr, "serving /metrics");
         }
-        let slots = Slots::new("metrics", connection_policy(&config, config.metrics_max_connections));
+        let policy = ConnectionPolicy { max_age: None, ..connection_policy(&config, config.metrics_max_connections) };
+        let slots = Slots::new("metrics", policy);
         tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), slots, background.clone()))
     });
     tasks.push(reaper::spawn_reaper(store.clone(), Arc::clone(&metrics), config.reaper_interval, background.clone()));
@@ -256,16 +267,22 @@ async fn serve<S: Store>(
         }
     };
     // Every request passes the same layers, outermost first.
+    let layers = |routes: Routes| {
+        ArrivalLayer.layer(
+            RequestGuardLayer {
+                max_response_bytes: config.max_response_bytes,
+                read_timeout: config.request_read_timeout,
+            }
+            .layer(WireErrorsLayer.layer(routes.prepare())),
+        )
+    };
+    let health_only = layers(Routes::new(health_service.clone()));
     let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(idempotency)
-        .add_service(admin)
-        .prepare();
-    let grpc = ArrivalLayer.layer(
-        RequestGuardLayer { max_response_bytes: config.max_response_bytes, read_timeout: config.request_read_timeout }
-            .layer(WireErrorsLayer.layer(routes)),
-    );
+        .add_service(admin);
+    let grpc = layers(routes);
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -275,6 +292,21 @@ async fn serve<S: Store>(
         .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    let health_server = listeners.health.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(health = %addr, "serving gRPC health on its own plaintext port");
+        }
+        // Probes go on answering through the drain (readiness NOT_SERVING,
+        // liveness SERVING): this port stops with the background tasks.
+        let policy = ConnectionPolicy { max_age: None, ..connection_policy(&config, config.metrics_max_connections) };
+        tokio::spawn(serve_health(
+            listener,
+            Slots::new("health", policy),
+            health_only,
+            http2.clone(),
+            background.clone(),
+        ))
+    });
     let slots = Slots::new("grpc", connection_policy(&config, config.max_connections));
     let connections = TaskTracker::new();
     let server = async {
@@ -309,7 +341,7 @@ async fn serve<S: Store>(
 
     background.cancel();
     // The metrics endpoint stops with the background tasks: scrapes go on during the drain.
-    for task in tasks.into_iter().chain(metrics_server) {
+    for task in tasks.into_iter().chain(metrics_server).chain(health_server) {
         if tokio::time::timeout(TASK_STOP_TIMEOUT, task).await.is_err() {
             tracing::warn!("a background task did not stop in time");
         }
@@ -329,6 +361,8 @@ fn connection_policy(config: &ServeConfig, max_connections: usize) -> Connection
         max_connections,
         first_request_timeout: config.first_request_timeout,
         idle_timeout: config.connection_idle_timeout,
+        max_age: config.max_connection_age,
+        max_age_grace: config.max_connection_age_grace,
     }
 }
 
@@ -355,10 +389,36 @@ async fn serve_http2<IO, S>(
     connections::drive(connection, slot, drain).await;
 }
 
+/// Serves the health-only routes in plaintext on `--health-listen` until `stop`.
+async fn serve_health<S>(
+    listener: TcpListener,
+    slots: Arc<Slots>,
+    grpc: S,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stop: CancellationToken,
+) where
+    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connections = TaskTracker::new();
+    connections::accept_loop(listener, slots, stop.clone(), |stream, _peer, slot| {
+        let (grpc, http2, stop) = (grpc.clone(), http2.clone(), stop.clone());
+        connections.spawn(async move { serve_http2(stream, slot, grpc, &http2, stop).await });
+    })
+    .await;
+    connections.close();
+    connections.wait().await;
+}
+
 /// The file descriptors the configured connections need, with the soft
 /// limit raised to cover them when the hard limit allows.
 fn ensure_descriptors(config: &ServeConfig) -> anyhow::Result<()> {
-    let needed = (config.max_connections + config.metrics_max_connections) as u64
+    let health = if config.health_listen.is_some() { config.metrics_max_connections } else { 0 };
+    let needed = (config.max_connections + config.metrics_max_connections + health) as u64
         + u64::from(config.database.db_max_connections)
         + fd_limit::RESERVED_DESCRIPTORS;
     match fd_limit::ensure(needed).map_err(anyhow::Error::msg)? {

@@ -98,6 +98,10 @@ pub trait Store: Send + Sync + Clone + 'static {
     /// Answers when the database answers: drives readiness.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
 
+    /// How many of the migrations this binary knows the database has not
+    /// applied: with `--no-migrate`, readiness waits for none.
+    fn missing_migrations(&self) -> impl Future<Output = Result<usize>> + Send;
+
     /// Connections of the request pool, for the pool gauge.
     fn pool_stats(&self) -> crate::metrics::PoolStats;
 
@@ -216,3 +220,12 @@ impl TokenCheck {
         }
     }
 }
+
+/// Of `migrator`'s migrations, how many are not among the `applied` versions
+/// (sqlx's `_sqlx_migrations` rows that succeeded).
+fn not_applied(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> usize {
+    migrator.iter().filter(|migration| !applied.contains(&migration.version)).count()
+}
+
+/// The query that lists the applied migrations, the same on both stores.
+const APPLIED_MIGRATIONS: &str = "SELECT version FROM _sqlx_migrations WHERE success";

@@ -78,6 +78,8 @@ pub struct TestApp {
     pub tls: Option<ClientTlsConfig>,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The plaintext health-only port, when the config asked for one.
+    pub health_addr: Option<SocketAddr>,
     pub client: IdempotencyClient<Channel>,
     pub database_url: String,
     pub backend: Backend,
@@ -157,7 +159,13 @@ pub async fn spawn_on_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> 
     let database_url = config.database.database_url.expose().to_string();
     let started_with = config.clone();
     let (tx, rx) = oneshot::channel::<()>();
-    let listeners = idemd::server::Listeners { grpc: listener, metrics: Some(metrics) };
+    // A health port is asked for with any address; the test binds its own.
+    let health = match config.health_listen {
+        Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+        None => None,
+    };
+    let health_addr = health.as_ref().map(|listener| listener.local_addr().expect("addr"));
+    let listeners = idemd::server::Listeners { grpc: listener, metrics: Some(metrics), health };
     let handle = tokio::spawn(idemd::server::run(config, listeners, async {
         let _ = rx.await;
     }));
@@ -167,6 +175,7 @@ pub async fn spawn_on_tls(config: ServeConfig, tls: Option<ClientTlsConfig>) -> 
         tls,
         addr,
         metrics_addr,
+        health_addr,
         client: IdempotencyClient::new(channel),
         database_url,
         backend: Backend::Sqlite,

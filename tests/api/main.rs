@@ -20,6 +20,7 @@ mod ops;
 mod outage;
 mod outcome_unknown;
 mod reaper;
+mod rollout;
 mod security;
 mod shutdown;
 mod validation;

@@ -95,7 +95,7 @@ async fn invalid_settings_stop_start_up_naming_the_setting() {
     let mut config = test_config(&format!("sqlite://{}", dir.path().join("x.db").display()));
     config.default_lease_ttl = Duration::from_secs(7200);
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let listeners = idemd::server::Listeners { grpc, metrics: None };
+    let listeners = idemd::server::Listeners { grpc, metrics: None, health: None };
     let error = idemd::server::run(config, listeners, std::future::pending())
         .await
         .expect_err("a lease default over 1 h is refused");
@@ -110,7 +110,7 @@ async fn a_transaction_pooler_without_a_direct_url_refuses_to_migrate() {
     let mut config = test_config(&pooled_url(&database_url));
     config.database.db_pooler = idemd::config::DbPooler::Transaction;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let listeners = idemd::server::Listeners { grpc, metrics: None };
+    let listeners = idemd::server::Listeners { grpc, metrics: None, health: None };
     let run = idemd::server::run(config, listeners, std::future::pending());
     let error = tokio::time::timeout(Duration::from_secs(30), run)
         .await

@@ -113,7 +113,7 @@ async fn start_idemd(hosts: &str) -> Idemd {
     config.no_migrate = true;
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = grpc.local_addr().expect("addr");
-    let listeners = idemd::server::Listeners { grpc, metrics: None };
+    let listeners = idemd::server::Listeners { grpc, metrics: None, health: None };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(idemd::server::run(config, listeners, async {
         let _ = stopped.await;

@@ -283,6 +283,12 @@ impl Store for PgStore {
         self.direct.is_some()
     }
 
+    async fn missing_migrations(&self) -> Result<usize> {
+        let rows = self.single.session().fetch_all(|| sqlx::query(super::APPLIED_MIGRATIONS)).await?;
+        let applied = rows.iter().map(|row| row.try_get::<i64, _>(0)).collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(super::not_applied(&MIGRATOR, &applied))
+    }
+
     async fn ping(&self) -> Result<()> {
         let target = self.single.session().target();
         let check = self.single.session().fetch_optional(|| sqlx::query(target.usable_session_query()));

@@ -477,6 +477,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn missing_migrations(&self) -> Result<usize> {
+        let applied: Vec<i64> = sqlx::query_scalar(super::APPLIED_MIGRATIONS).fetch_all(&self.pool).await?;
+        Ok(super::not_applied(&MIGRATOR, &applied))
+    }
+
     fn pool_stats(&self) -> crate::metrics::PoolStats {
         let idle = self.pool.num_idle() as u64;
         let max = u64::from(self.pool.options().get_max_connections());
