@@ -117,10 +117,11 @@ const leaseLosses = 2
 // is stored even if ctx has ended meanwhile (each RPC bounded by the RPC
 // timeout): an unstored outcome is worse than a late return.
 //
-// If Complete answers LEASE_LOST (another attempt took the key over),
-// RunOnce begins again: it returns the winner's stored result, or runs the
-// operation in a new attempt with the same downstream key, at most twice
-// more.
+// If Complete answers LEASE_LOST (the lease expired, or an operator
+// released it), RunOnce begins again: it returns the winner's stored result,
+// or, when Begin hands it the same record again (same downstream key), it
+// stores the response it already has under the new attempt: the operation
+// never runs twice in one call. At most twice more, then ErrLeaseLost.
 //
 // Every error is an *Error; its Kind says what became of the operation.
 func (c *Client) RunOnce(ctx context.Context, key string, fingerprint []byte, operation Operation, options ...RunOption) (Done, error) {
@@ -136,6 +137,10 @@ func (c *Client) RunOnce(ctx context.Context, key string, fingerprint []byte, op
 	if operation == nil {
 		return Done{}, invalid(key, "operation is nil")
 	}
+	// What this call's operation (or hook) produced once it has run, and
+	// under which downstream key: kept across a lost lease.
+	var known *Done
+	knownDownstreamKey := ""
 	for losses := 0; ; losses++ {
 		lease, replayed, err := c.acquire(ctx, &s, key, fingerprint)
 		if err != nil {
@@ -144,16 +149,36 @@ func (c *Client) RunOnce(ctx context.Context, key string, fingerprint []byte, op
 		if replayed != nil {
 			return finish(&s, key, *replayed)
 		}
-		done, lost, err := c.runAttempt(ctx, &s, key, lease, operation)
+		var result Done
+		switch {
+		case known == nil:
+			if result, err = c.runAttempt(ctx, &s, key, lease, operation); err != nil {
+				return Done{}, err
+			}
+		case lease.GetDownstreamKey() == knownDownstreamKey:
+			// The same record again after LEASE_LOST: this call already
+			// knows what happened under this downstream key.
+			result = *known
+		default:
+			// The record was invalidated (or expired) and replaced
+			// meanwhile: this call's operation did not run for it.
+			c.abort(context.WithoutCancel(ctx), &s, key, lease.GetLeaseToken(),
+				"the record was replaced after this call lost its lease", false)
+			return Done{}, &Error{Kind: ErrLeaseLost, Key: key, Attempt: lease.GetAttempt(),
+				Err: errors.New("the lease was lost after the operation ran, and the key now names a new record; its result was not stored")}
+		}
+		result.Attempt = lease.GetAttempt()
+		lost, err := c.store(ctx, &s, key, lease.GetLeaseToken(), result)
 		if lost == nil {
 			if err != nil {
 				return Done{}, err
 			}
-			return finish(&s, key, done)
+			return finish(&s, key, result)
 		}
 		if losses >= leaseLosses {
 			return Done{}, rpcFailure(ctx, ErrLeaseLost, key, lease.GetAttempt(), lost)
 		}
+		known, knownDownstreamKey = &result, lease.GetDownstreamKey()
 	}
 }
 
@@ -276,9 +301,10 @@ func aborting(reason string, unknown bool, cause error) ending {
 	return ending{reason: reason, outcomeUnknown: unknown, kind: kind, cause: cause}
 }
 
-// runAttempt runs one acquired attempt and ends its lease. lost is the
-// LEASE_LOST error when Complete found the lease taken over.
-func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease *pb.Acquired, operation Operation) (done Done, lost error, err error) {
+// runAttempt runs the reconcile hook (when due) and the operation in one
+// acquired attempt, with heartbeats. It returns the response to store, the
+// lease still held; any other ending aborts the lease here.
+func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease *pb.Acquired, operation Operation) (Done, error) {
 	attempt := Attempt{DownstreamKey: lease.GetDownstreamKey(), Number: lease.GetAttempt()}
 	if previous := lease.GetPrevious(); previous != nil {
 		attempt.Previous = &PreviousAttempt{
@@ -326,13 +352,23 @@ func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease 
 
 	if end.complete == nil {
 		c.abort(detached, s, key, token, end.reason, end.outcomeUnknown)
-		return Done{}, nil, &Error{Kind: end.kind, Key: key, Attempt: attempt.Number, Err: end.cause}
+		return Done{}, &Error{Kind: end.kind, Key: key, Attempt: attempt.Number, Err: end.cause}
 	}
-	response := *end.complete
+	return Done{Response: *end.complete, Reconciled: end.reconciled, Attempt: attempt.Number}, nil
+}
+
+// store completes the lease with result's response. lost is the LEASE_LOST
+// error when Complete found the lease expired or released; any other
+// failure aborts the lease as outcome-unknown.
+func (c *Client) store(ctx context.Context, s *settings, key, token string, result Done) (lost error, err error) {
+	// Storing the outcome must not depend on the caller still waiting for
+	// it; each RPC keeps its own timeout.
+	detached := context.WithoutCancel(ctx)
+	response := result.Response
 	if check := validateResponse(response); check != nil {
 		c.abort(detached, s, key, token, "the operation's response cannot be stored", true)
-		return Done{}, nil, &Error{Kind: ErrOutcomeUnknown, Key: key, Attempt: attempt.Number,
-			Err: &Error{Kind: ErrInvalidArgument, Key: key, Attempt: attempt.Number, Err: check}}
+		return nil, &Error{Kind: ErrOutcomeUnknown, Key: key, Attempt: result.Attempt,
+			Err: &Error{Kind: ErrInvalidArgument, Key: key, Attempt: result.Attempt, Err: check}}
 	}
 	_, err = call(detached, c, s, s.rpcTimeout, c.stub.Complete, &pb.CompleteRequest{
 		Namespace:    c.namespace,
@@ -344,14 +380,14 @@ func (c *Client) runAttempt(ctx context.Context, s *settings, key string, lease 
 	})
 	switch {
 	case err == nil:
-		return Done{Response: response, Reconciled: end.reconciled, Attempt: attempt.Number}, nil, nil
+		return nil, nil
 	case reason(err) == "LEASE_LOST":
-		return Done{}, err, nil
+		return err, nil
 	default:
 		// It happened (or the provider holds it) but is not stored: end the
 		// lease as outcome-unknown so the next attempt reconciles.
 		c.abort(detached, s, key, token, "the outcome could not be stored", true)
-		return Done{}, nil, rpcFailure(ctx, ErrOutcomeUnknown, key, attempt.Number, err)
+		return nil, rpcFailure(ctx, ErrOutcomeUnknown, key, result.Attempt, err)
 	}
 }
 

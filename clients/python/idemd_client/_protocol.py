@@ -239,19 +239,38 @@ class Protocol:
             raise TypeError(f"operation must be callable, got {operation!r}")
         if reconcile is not None and not callable(reconcile):
             raise TypeError(f"reconcile must be callable or None, got {reconcile!r}")
+        # What this call's operation (or hook) produced once it has run, and under which downstream key: kept
+        # across a lost lease, so that the operation never runs twice in one call.
+        known: Optional[tuple] = None
         losses = -1
         while True:
             losses += 1
             lease, done = yield from self._acquire(s, key, fp)
             if lease is not None:
-                done, lost = yield from self._attempt(s, key, lease, operation, reconcile)
+                if known is None:
+                    response, reconciled = yield from self._attempt(s, key, lease, operation, reconcile)
+                elif lease.downstream_key == known[2]:
+                    # The same record again after LEASE_LOST: this call already knows what happened under this
+                    # downstream key.
+                    response, reconciled, _ = known
+                else:
+                    # The record was invalidated (or expired) and replaced meanwhile: this call's operation did
+                    # not run for it.
+                    yield from self._abort(s, key, lease, "the record was replaced after this call lost its lease",
+                                           False)
+                    raise LeaseLost(
+                        f"the lease on key {key!r} in namespace {self.namespace!r} was lost after the operation "
+                        f"ran, and the key now names a new record; its result was not stored",
+                        key=key, attempt=lease.attempt,
+                    )
+                done, lost = yield from self._store(s, key, lease, response, reconciled)
                 if lost is not None:
                     if losses < LEASE_LOSSES:
+                        known = (response, reconciled, lease.downstream_key)
                         continue
                     raise LeaseLost(
-                        f"the lease on key {key!r} in namespace {self.namespace!r} was taken over {losses + 1} "
-                        f"times before the operation's outcome was stored; calling again replays the winner or "
-                        f"runs a new attempt (same downstream key)",
+                        f"the lease on key {key!r} in namespace {self.namespace!r} was lost {losses + 1} times "
+                        f"before the operation's outcome was stored",
                         key=key, attempt=lease.attempt, code=code(lost), reason=reason(lost),
                     ) from lost
             if s.final_error is not None:
@@ -342,8 +361,8 @@ class Protocol:
             pass  # LEASE_LOST or unreachable: the lease ends by itself, and an expired lease is outcome-unknown
 
     def _attempt(self, s: Settings, key: str, lease: pb.Acquired, operation, reconcile):
-        """Runs one acquired attempt and always ends its lease: Complete with a response, else Abort. Returns
-        (Done, None), or (None, the LEASE_LOST error) when Complete found the lease taken over."""
+        """Runs the reconcile hook (when due) and the operation in one acquired attempt, under heartbeats. Returns
+        (response, reconciled) to store, the lease still held; any other ending aborts the lease and raises."""
         previous = _previous(lease) if lease.HasField("previous") else None
         attempt = Attempt(lease.downstream_key, lease.attempt, previous)
         where = f"key {key!r} in namespace {self.namespace!r} (attempt {lease.attempt})"
@@ -422,6 +441,12 @@ class Protocol:
                     "attempt reconciles)"
                 )
             response = result
+        return response, reconciled
+
+    def _store(self, s: Settings, key: str, lease: pb.Acquired, response: Response, reconciled: bool):
+        """Completes the lease with the response. Returns (Done, None), or (None, the LEASE_LOST error) when the
+        lease expired or was released; any other failure aborts the lease as outcome-unknown and raises."""
+        where = f"key {key!r} in namespace {self.namespace!r} (attempt {lease.attempt})"
         request = pb.CompleteRequest(
             namespace=self.namespace, key=key, lease_token=lease.lease_token, response=response.body,
             response_code=response.code, content_type=response.content_type,

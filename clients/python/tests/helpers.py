@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import grpc
 
@@ -108,16 +108,20 @@ def ok(body: str) -> Response:
 
 class Calls:
     """Counts the idemd calls a client makes, by method name ("Begin", "Heartbeat", ...): a client interceptor
-    for the threaded client (``Calls().sync``) and for the asyncio client (``Calls().aio``)."""
+    for the threaded client (``Calls().sync``) and for the asyncio client (``Calls().aio``). ``before`` maps a
+    method name to a function called with the request just before it leaves (blocking, even for asyncio)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: Optional[Dict[str, Callable[[Any], None]]] = None) -> None:
         self.counts: Dict[str, int] = {}
         self.lock = threading.Lock()
+        self.before = before or {}
 
-    def count(self, method) -> None:
+    def count(self, method, request=None) -> None:
         name = (method.decode() if isinstance(method, bytes) else method).rsplit("/", 1)[-1]
         with self.lock:
             self.counts[name] = self.counts.get(name, 0) + 1
+        if name in self.before:
+            self.before[name](request)
 
     def __getitem__(self, name: str) -> int:
         with self.lock:
@@ -129,7 +133,7 @@ class Calls:
 
         class Counting(grpc.UnaryUnaryClientInterceptor):
             def intercept_unary_unary(self, continuation, details, request):
-                calls.count(details.method)
+                calls.count(details.method, request)
                 return continuation(details, request)
 
         return Counting()
@@ -142,7 +146,7 @@ class Calls:
 
         class Counting(grpc.aio.UnaryUnaryClientInterceptor):
             async def intercept_unary_unary(self, continuation, details, request):
-                calls.count(details.method)
+                calls.count(details.method, request)
                 return await continuation(details, request)
 
         return Counting()
@@ -172,3 +176,8 @@ class CardDeclined(Exception):
 def declined_as_error(response: Response) -> Optional[CardDeclined]:
     """A ``final_error`` hook: a stored 402 comes back as ``CardDeclined``."""
     return CardDeclined(response.body) if response.code == 402 else None
+
+
+def releasing_every_complete(server: Idemd) -> Calls:
+    """Releases the lease of every Complete just before it leaves (as an operator would), and counts the calls."""
+    return Calls(before={"Complete": lambda request: server.release(request.key, server.lookup(request.key).attempt)})

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from helpers import NAMESPACE, CardDeclined, Calls, Idemd, LostReply, declined_as_error, fp, free_address, new_key
-from helpers import ok, shared
+from helpers import ok, releasing_every_complete, shared
 from idemd.v1 import idempotency_pb2 as pb
 from idemd_client import (
     Client, Final, FingerprintMismatch, IdemdError, InProgress, InvalidArgument, LeaseLost, OutcomeUnknown,
@@ -277,34 +277,33 @@ def test_lease_lost_begins_again_and_replays_the_winner(server):
     assert (done.replayed, done.response.body, done.attempt, len(runs)) == (True, b'{"charge":"ch_winner"}', 2, 1)
 
 
-def test_lease_lost_begins_again_and_runs_a_new_attempt(server):
-    key, runs = new_key(), Runs()
-
-    def charge(attempt):
-        if runs.add(attempt) == 1:
-            server.release(key, 1)
-        return ok('{"charge":"ch_again"}')
-
-    done = client(server).run_once(key, fp(), charge)
-    assert (done.attempt, done.replayed, len(runs)) == (2, False, 2)
-    first, second = runs.attempts
-    assert second.downstream_key == first.downstream_key
-    assert (second.previous.aborted_by, second.previous.outcome_unknown) == ("ABORTED_BY_OPERATOR", True)
-
-
-def test_lease_lost_begins_again_at_most_twice(server):
+def test_lease_lost_begins_again_and_stores_the_response_it_has(server):
+    # Nobody else stored a result: Begin hands this call the record again (attempt 2), and the response it
+    # already has is stored there without running the operation again.
     key, runs = new_key(), Runs()
 
     def charge(attempt):
         runs.add(attempt)
         server.release(key, attempt.attempt)
-        return ok("{}")
+        return ok('{"charge":"ch_mine"}')
 
+    done = client(server).run_once(key, fp(), charge)
+    assert (done.attempt, done.replayed, done.response.body, len(runs)) == (2, False, b'{"charge":"ch_mine"}', 1)
+    record = server.lookup(key)
+    assert (record.state, record.attempt, record.response) == (pb.STATE_COMPLETED, 2, b'{"charge":"ch_mine"}')
+
+
+def test_lease_lost_begins_again_at_most_twice(server):
+    key, runs, calls = new_key(), Runs(), releasing_every_complete(server)
+    c = Client(server.address, NAMESPACE, interceptors=[calls.sync])
     with pytest.raises(LeaseLost) as raised:
-        client(server).run_once(key, fp(), charge)
+        c.run_once(key, fp(), lambda attempt: runs.add(attempt) and ok("{}"))
+    c.close()
     only(raised.value, LeaseLost)
-    assert (raised.value.reason, raised.value.code) == ("LEASE_LOST", grpc.StatusCode.FAILED_PRECONDITION)
-    assert isinstance(raised.value.__cause__, grpc.RpcError) and len(runs) == 3
+    assert (raised.value.reason, raised.value.code, raised.value.attempt) == (
+        "LEASE_LOST", grpc.StatusCode.FAILED_PRECONDITION, 3)
+    assert isinstance(raised.value.__cause__, grpc.RpcError)
+    assert (len(runs), calls["Begin"], calls["Complete"]) == (1, 3, 3)
 
 
 def test_fingerprint_mismatch_is_its_own_error(server):

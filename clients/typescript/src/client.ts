@@ -30,6 +30,9 @@ type Ending =
   | { response: unknown; reconciled: boolean; source: string }
   | { abort: string; outcomeUnknown: boolean; error: unknown };
 
+/** What an attempt's operation (or reconcile hook) produced, checked storable, before Complete. */
+type Ran = { response: StoredResponse; reconciled: boolean };
+
 /**
  * A client of idemd for one namespace. `runOnce` runs an operation at most
  * once per key and resolves to its response, or to the stored response of the
@@ -82,9 +85,11 @@ export class Client {
    *   rethrown: the key is never left locked until the lease expires;
    * - a response that cannot be stored (a body neither string nor bytes, …):
    *   Abort as outcome-unknown, then a TypeError saying why.
-   * If Complete answers LEASE_LOST (the key was taken over), Begin runs again:
-   * it replays the winner's result, or runs the operation in a new attempt
-   * with the same downstream key, at most twice more (then `LeaseLostError`).
+   * If Complete answers LEASE_LOST (the lease expired, or an operator
+   * released it), Begin runs again: it replays the winner's result, or, handed
+   * the same record again (same downstream key), the response this call
+   * already has is stored under the new attempt: the operation never runs
+   * twice in one call. At most twice more, then `LeaseLostError`.
    */
   async runOnce(key: string, fingerprint: Uint8Array, operation: Operation, options: RunOptions = {}): Promise<Done> {
     const given = checkOptions("runOnce options", options, RUN_OPTIONS) as RunOptions;
@@ -93,19 +98,40 @@ export class Client {
     checkFunction("operation", operation, key);
     if (given.reconcile !== undefined) checkFunction("reconcile", given.reconcile, key);
     const s = resolve(this.defaults, given, key);
+    // What this call's operation (or hook) produced once it has run, and
+    // under which downstream key: kept across a lost lease.
+    let known: { ran: Ran; downstreamKey: string } | undefined;
     for (let losses = 0; ; losses++) {
       const begun = await this.acquire(key, fp, s);
       if ("replayed" in begun) return this.finish(s, begun);
-      const ran = await this.runAttempt(key, begun.lease, operation, given, s);
-      if ("response" in ran) return this.finish(s, ran);
-      if (losses >= LEASE_LOSSES) {
+      const lease = begun.lease;
+      let ran: Ran;
+      if (known === undefined) {
+        ran = await this.runAttempt(key, lease, operation, given, s);
+      } else if (lease.downstream_key === known.downstreamKey) {
+        // The same record again after LEASE_LOST: this call already knows
+        // what happened under this downstream key.
+        ran = known.ran;
+      } else {
+        // The record was invalidated (or expired) and replaced meanwhile:
+        // this call's operation did not run for it.
+        await this.abort(key, lease.lease_token, "the record was replaced after this call lost its lease", false, s);
         throw new LeaseLostError(
-          `idemd: the lease on key ${JSON.stringify(key)} in namespace ${JSON.stringify(this.namespace)} was taken over ` +
-            `${losses + 1} times before the operation's outcome could be stored; calling again replays the winner's ` +
-            `result or runs a new attempt with the same downstream key`,
-          this.details(key, ran.lost, begun.lease.attempt),
+          `idemd: the lease on key ${JSON.stringify(key)} in namespace ${JSON.stringify(this.namespace)} was lost after ` +
+            `the operation ran, and the key now names a new record; its result was not stored`,
+          { key, namespace: this.namespace, attempt: lease.attempt },
         );
       }
+      const stored = await this.store(key, lease, ran, s);
+      if ("response" in stored) return this.finish(s, stored);
+      if (losses >= LEASE_LOSSES) {
+        throw new LeaseLostError(
+          `idemd: the lease on key ${JSON.stringify(key)} in namespace ${JSON.stringify(this.namespace)} was lost ` +
+            `${losses + 1} times before the operation's outcome could be stored`,
+          this.details(key, stored.lost, lease.attempt),
+        );
+      }
+      known = { ran, downstreamKey: lease.downstream_key };
     }
   }
 
@@ -183,11 +209,11 @@ export class Client {
   }
 
   /**
-   * Runs one acquired attempt (reconcile hook, operation) under heartbeats
-   * and ends its lease. `lost` is Complete's LEASE_LOST error when the lease
-   * was taken over.
+   * Runs one acquired attempt (reconcile hook, operation) under heartbeats.
+   * Returns the response to store, the lease still held; any other ending
+   * aborts the lease and throws.
    */
-  private async runAttempt(key: string, lease: any, operation: Operation, options: RunOptions, s: Resolved): Promise<Done | { lost: unknown }> {
+  private async runAttempt(key: string, lease: any, operation: Operation, options: RunOptions, s: Resolved): Promise<Ran> {
     const attempt: Attempt = { downstreamKey: lease.downstream_key, attempt: lease.attempt };
     if (lease.previous) attempt.previous = previousOf(lease.previous);
     const token: string = lease.lease_token;
@@ -211,6 +237,17 @@ export class Client {
       await this.abort(key, token, "the response cannot be stored", true, s);
       throw new TypeError(`${(problem as Error).message}; attempt ${attempt.attempt} of key ${JSON.stringify(key)} was aborted as outcome-unknown`);
     }
+    return { response, reconciled: "reconciled" in ending && ending.reconciled };
+  }
+
+  /**
+   * Completes the lease with the response. `lost` is Complete's LEASE_LOST
+   * error when the lease expired or was released; any other failure aborts
+   * the lease as outcome-unknown and throws.
+   */
+  private async store(key: string, lease: any, ran: Ran, s: Resolved): Promise<Done | { lost: unknown }> {
+    const { response } = ran;
+    const token: string = lease.lease_token;
     const request = {
       namespace: this.namespace,
       key,
@@ -227,12 +264,12 @@ export class Client {
       // lease as outcome-unknown so that the next attempt reconciles.
       await this.abort(key, token, "the outcome could not be stored", true, s);
       throw new OutcomeUnknownFailure(
-        `idemd: the operation on key ${JSON.stringify(key)} (attempt ${attempt.attempt}) ran but idemd did not store its ` +
+        `idemd: the operation on key ${JSON.stringify(key)} (attempt ${lease.attempt}) ran but idemd did not store its ` +
           `outcome (${grpc.status[(error as grpc.ServiceError).code] ?? error}); aborted as outcome-unknown`,
-        this.details(key, error, attempt.attempt),
+        this.details(key, error, lease.attempt),
       );
     }
-    return { response, replayed: false, attempt: attempt.attempt, reconciled: "reconciled" in ending && ending.reconciled };
+    return { response, replayed: false, attempt: lease.attempt, reconciled: ran.reconciled };
   }
 
   /** Runs the reconcile hook (when due) and the operation, and says how the attempt ends. Never throws. */

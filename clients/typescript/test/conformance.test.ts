@@ -362,34 +362,51 @@ test("lease_lost_begins_again", async (t) => {
     winner.close();
   });
 
-  await t.test("runs a new attempt", async () => {
+  await t.test("stores the response it has under a new attempt", async () => {
+    // Nobody else stored a result: Begin hands this call the record again
+    // (attempt 2), and the response it already has is stored there without
+    // running the operation again.
     const k = key();
-    const runs: Attempt[] = [];
+    let runs = 0;
     const c = client(server);
     const done = await c.runOnce(k, fp("1000"), async (attempt) => {
-      runs.push(attempt);
-      if (runs.length === 1) await release(server, k, 1);
-      return ok('{"charge":"ch_again"}');
+      runs++;
+      await release(server, k, attempt.attempt);
+      return ok('{"charge":"ch_mine"}');
     });
-    assert.deepEqual([done.attempt, done.replayed, runs.length], [2, false, 2]);
-    assert.equal(runs[1].downstreamKey, runs[0].downstreamKey);
-    assert.deepEqual([runs[1].previous?.outcomeUnknown, runs[1].previous?.abortedBy], [true, "ABORTED_BY_OPERATOR"]);
+    assert.deepEqual([done.attempt, done.replayed, done.response.body.toString(), runs], [2, false, '{"charge":"ch_mine"}', 1]);
+    const record = await lookup(server, k);
+    assert.deepEqual([record.state, record.attempt, Buffer.from(record.response).toString()], ["STATE_COMPLETED", 2, '{"charge":"ch_mine"}']);
     c.close();
   });
 
   await t.test("gives up when it keeps losing", async () => {
+    // Every Complete finds its lease released just before it arrives.
     const k = key();
     let runs = 0;
-    const c = client(server);
+    const releaseFirst: grpc.Interceptor = (options, next) => {
+      if (!options.method_definition.path.endsWith("/Complete")) return new grpc.InterceptingCall(next(options));
+      return new grpc.InterceptingCall(next(options), {
+        start(metadata, listener, start) {
+          lookup(server, k)
+            .then((record) => release(server, k, record.attempt))
+            .then(() => start(metadata, listener), (problem) => listener.onReceiveStatus?.({ code: grpc.status.INTERNAL, details: String(problem), metadata }));
+        },
+      });
+    };
+    const { counts, interceptor } = rpcCounter();
+    const c = client(server, { interceptors: [interceptor, releaseFirst] });
     const error = await rejection(
-      c.runOnce(k, fp("1000"), async (attempt) => {
+      c.runOnce(k, fp("1000"), async () => {
         runs++;
-        await release(server, k, attempt.attempt);
         return ok("{}");
       }),
     );
     assertOnlyKind(error, LeaseLostError);
-    assert.deepEqual([error.reason, error.code, error.attempt, runs], ["LEASE_LOST", grpc.status.FAILED_PRECONDITION, 3, 3]);
+    assert.deepEqual(
+      [error.reason, error.code, error.attempt, runs, counts.get("Begin")],
+      ["LEASE_LOST", grpc.status.FAILED_PRECONDITION, 3, 1, 3],
+    );
     c.close();
   });
 });
