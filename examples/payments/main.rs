@@ -234,10 +234,27 @@ async fn in_process(settings: &Settings) -> bool {
             disagreements += 1;
         }
     }
+    let double = print_ledger(settings, &provider, &charges, (finished, declined, disagreements), started);
+    println!("double charges: {double}");
+    double == 0 && finished == settings.payments as usize && disagreements == 0
+}
+
+/// Prints what the provider and the workers saw (the lines both modes share)
+/// and returns how many payments were charged more than once.
+fn print_ledger(
+    settings: &Settings,
+    provider: &Provider,
+    charges: &std::collections::HashMap<String, u32>,
+    (finished, declined, disagreements): (impl std::fmt::Display, impl std::fmt::Display, impl std::fmt::Display),
+    started: std::time::Instant,
+) -> usize {
     let kept: u32 = charges.values().sum();
     let double = charges.values().filter(|&&n| n > 1).count();
     let on_off = |on: bool| if on { "on" } else { "off" };
     println!("payments:                        {}", settings.payments);
+    if settings.languages != ["rust"] {
+        println!("languages:                       {}", settings.languages.join(", "));
+    }
     println!("provider deduplication:          {}", on_off(settings.provider_dedup));
     println!("reconcile hook:                  {}", on_off(settings.reconcile));
     println!("finished (charged or declined):  {finished} ({declined} declined)");
@@ -257,6 +274,5 @@ async fn in_process(settings: &Settings) -> bool {
         println!("reconcile lookups (found):       {lookups} ({found})");
     }
     println!("run time:                        {:.1?}", started.elapsed());
-    println!("double charges: {double}");
-    double == 0 && finished == settings.payments as usize && disagreements == 0
+    double
 }

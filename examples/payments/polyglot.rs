@@ -24,7 +24,6 @@
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -157,30 +156,7 @@ pub async fn run(settings: &Settings) -> bool {
             disagreements += 1;
         }
     }
-    let kept: u32 = charges.values().sum();
-    let double = charges.values().filter(|&&n| n > 1).count();
-    let on_off = |on: bool| if on { "on" } else { "off" };
-    println!("payments:                        {}", settings.payments);
-    println!("languages:                       {}", settings.languages.join(", "));
-    println!("provider deduplication:          {}", on_off(settings.provider_dedup));
-    println!("reconcile hook:                  {}", on_off(settings.reconcile));
-    println!("finished (charged or declined):  {finished} ({declined} declined)");
-    println!("workers per payment:             {}", settings.workers);
-    println!("raw charge calls:                {}", provider.raw_calls.load(Ordering::SeqCst));
-    println!("transient provider failures:     {}", provider.transient_failures.load(Ordering::SeqCst));
-    println!("charges kept by the provider:    {kept}");
-    println!("answers that disagree:           {disagreements}");
-    if settings.provider_dedup {
-        println!("double charges without the downstream key: {}", provider.deduplicated.load(Ordering::SeqCst));
-    } else {
-        let timeouts = provider.timeouts_after_charging.load(Ordering::SeqCst);
-        println!("timeouts after charging:         {timeouts}");
-    }
-    if settings.reconcile {
-        let (lookups, found) = (provider.lookups.load(Ordering::SeqCst), provider.lookups_found.load(Ordering::SeqCst));
-        println!("reconcile lookups (found):       {lookups} ({found})");
-    }
-    println!("run time:                        {:.1?}", started.elapsed());
+    let double = crate::print_ledger(settings, &provider, &charges, (finished, declined, disagreements), started);
     println!();
     println!(
         "{:<12}{:>10}{:>12}{:>10}{:>9}{:>8}",
