@@ -366,6 +366,31 @@ fn connection_policy(config: &ServeConfig, max_connections: usize) -> Connection
     }
 }
 
+/// idemd's layered gRPC routes, as each connection's task serves them.
+trait GrpcRoutes:
+    tower_service::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Future: Send + 'static,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> GrpcRoutes for S where
+    S: tower_service::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Future: Send + 'static,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves gRPC over HTTP/2 on one accepted (and, with TLS, handshaken)
 /// connection until it closes.
 async fn serve_http2<IO, S>(
@@ -377,12 +402,7 @@ async fn serve_http2<IO, S>(
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
-    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: GrpcRoutes,
 {
     let service = TowerToHyperService::new(ConnectionService::new(grpc, &slot, io.connect_info()));
     let connection = http2.serve_connection(TokioIo::new(io), service);
@@ -397,12 +417,7 @@ async fn serve_health<S>(
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
     stop: CancellationToken,
 ) where
-    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: GrpcRoutes,
 {
     let connections = TaskTracker::new();
     connections::accept_loop(listener, slots, stop.clone(), |stream, _peer, slot| {
