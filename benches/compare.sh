@@ -52,7 +52,7 @@ for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd.log" && break; 
 # idemd's one-key Begin (acquire, with its ACQUIRED event) and Complete
 # (with its COMPLETED event), as src/store/postgres/statements.rs has them,
 # for a key nobody holds: the statements, not the server, per pair.
-cat >"$root/pair.sql" <<'SQL'
+cat >"$root/sql.sql" <<'SQL'
 \set n random(1, 2000000000)
 WITH principals AS (SELECT 'pgbench'::text AS namespace, (:client_id || '-' || :n)::text AS key, ''::text AS principal),
 acquired AS (
@@ -157,8 +157,11 @@ print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["pairs"], r["erro
   after=$(stats)
   echo "$rate $p99 $(python3 benches/lib/usage.py per-pair "$before" "$end" "$after" "$pairs")"
 }
-# "median (min–max)" of a column of numbers.
-spread() { sort -n | awk '{a[NR]=$1} END {m = NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2; printf "%s (%s–%s)", m, a[1], a[NR]}'; }
+# "median (min–max)" of a column of numbers, each printed with format $1.
+spread() {
+  sort -n | awk -v f="$1" '{a[NR]=$1} END {m = NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2
+    printf f " (" f "–" f ")", m, a[1], a[NR]}'
+}
 
 printf '\n%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %s\n' clients side "pairs/s" "p99 ms" "PG CPU µs/pair" \
   "idemd µs/pair" "commits/pair" "WAL syncs/pair" "WAL B/pair"
@@ -176,9 +179,9 @@ for c in $levels; do
     [ "$c" != 1 ] || ping+=("$(ping_run "$grpc_port")")
   done
   for side in $sides; do
-    column() { printf '%s' "${results[$side]}" | awk -v k="$1" 'NF {print $k}' | spread; }
-    printf '%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %s\n' "$c" "$side" "$(column 1)" "$(column 2)" "$(column 3)" \
-      "$(column 4)" "$(column 5)" "$(column 6)" "$(column 7)"
+    column() { printf '%s' "${results[$side]}" | awk -v k="$1" 'NF {print $k}' | spread "$2"; }
+    printf '%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %s\n' "$c" "$side" "$(column 1 %.0f)" "$(column 2 %.1f)" \
+      "$(column 3 %.0f)" "$(column 4 %.0f)" "$(column 5 %.2f)" "$(column 6 %.3f)" "$(column 7 %.0f)"
   done
   id_m=$(printf '%s' "${results[idemd]:-0}" | awk 'NF {print $1}' | median)
   if [ "$c" = 1 ] && [ -n "${results[hand]:-}" ] && [ -n "${results[idemd]:-}" ]; then
