@@ -299,13 +299,17 @@ async fn serve<S: Store>(
         // Probes go on answering through the drain (readiness NOT_SERVING,
         // liveness SERVING): this port stops with the background tasks.
         let policy = ConnectionPolicy { max_age: None, ..connection_policy(&config, config.metrics_max_connections) };
-        tokio::spawn(serve_health(
-            listener,
-            Slots::new("health", policy),
-            health_only,
-            http2.clone(),
-            background.clone(),
-        ))
+        let (http2, stop) = (http2.clone(), background.clone());
+        tokio::spawn(async move {
+            let connections = TaskTracker::new();
+            connections::accept_loop(listener, Slots::new("health", policy), stop.clone(), |stream, _peer, slot| {
+                let (grpc, http2, stop) = (health_only.clone(), http2.clone(), stop.clone());
+                connections.spawn(async move { serve_http2(stream, slot, grpc, &http2, stop).await });
+            })
+            .await;
+            connections.close();
+            connections.wait().await;
+        })
     });
     let slots = Slots::new("grpc", connection_policy(&config, config.max_connections));
     let connections = TaskTracker::new();
@@ -366,31 +370,6 @@ fn connection_policy(config: &ServeConfig, max_connections: usize) -> Connection
     }
 }
 
-/// idemd's layered gRPC routes, as each connection's task serves them.
-trait GrpcRoutes:
-    tower_service::Service<
-        http::Request<tonic::body::Body>,
-        Response = http::Response<tonic::body::Body>,
-        Future: Send + 'static,
-        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    > + Clone
-    + Send
-    + 'static
-{
-}
-
-impl<S> GrpcRoutes for S where
-    S: tower_service::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Future: Send + 'static,
-            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        > + Clone
-        + Send
-        + 'static
-{
-}
-
 /// Serves gRPC over HTTP/2 on one accepted (and, with TLS, handshaken)
 /// connection until it closes.
 async fn serve_http2<IO, S>(
@@ -402,31 +381,16 @@ async fn serve_http2<IO, S>(
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
-    S: GrpcRoutes,
+    S: tower_service::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let service = TowerToHyperService::new(ConnectionService::new(grpc, &slot, io.connect_info()));
     let connection = http2.serve_connection(TokioIo::new(io), service);
     connections::drive(connection, slot, drain).await;
-}
-
-/// Serves the health-only routes in plaintext on `--health-listen` until `stop`.
-async fn serve_health<S>(
-    listener: TcpListener,
-    slots: Arc<Slots>,
-    grpc: S,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    stop: CancellationToken,
-) where
-    S: GrpcRoutes,
-{
-    let connections = TaskTracker::new();
-    connections::accept_loop(listener, slots, stop.clone(), |stream, _peer, slot| {
-        let (grpc, http2, stop) = (grpc.clone(), http2.clone(), stop.clone());
-        connections.spawn(async move { serve_http2(stream, slot, grpc, &http2, stop).await });
-    })
-    .await;
-    connections.close();
-    connections.wait().await;
 }
 
 /// The file descriptors the configured connections need, with the soft
