@@ -287,7 +287,8 @@ pub(super) const REAP: &str = concat!(
     r#"
 WITH due AS (
     SELECT namespace, key FROM idemd_records
-    WHERE state = 1 AND lease_expires_at <= now() AND expires_at > now()
+    -- completed_at IS NULL: the live-leases index's predicate (see its migration)
+    WHERE state = 1 AND completed_at IS NULL AND lease_expires_at <= now() AND expires_at > now()
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
