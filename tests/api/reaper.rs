@@ -66,3 +66,43 @@ crate::both_stores!(
     reaper_leaves_live_leases_alone,
     purger_deletes_expired_records,
 );
+
+/// The live-leases index serves the reaper and nothing else: a one-key
+/// transition of an in-flight attempt (it says `state = 1` and
+/// `lease_expires_at > now()`) is planned on the primary key even with
+/// statistics taken while no lease was in flight, when the index looks
+/// empty and a walk of it free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_reaper_is_planned_on_the_live_leases_index() {
+    use sqlx::Connection;
+    let app = spawn_app(Backend::Postgres).await;
+    for i in 0..20 {
+        let key = format!("done-{i}");
+        let lease = app.acquire(begin_req(&key)).await;
+        app.complete(&key, &lease.lease_token, b"ok").await.expect("complete");
+    }
+    let mut db = sqlx::PgConnection::connect(&app.database_url).await.expect("connect");
+    sqlx::raw_sql("ANALYZE idemd_records; SET enable_seqscan = off").execute(&mut db).await.expect("analyze");
+    let plan = |sql: &'static str| {
+        let url = app.database_url.clone();
+        async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+            sqlx::raw_sql("SET enable_seqscan = off").execute(&mut db).await.expect("set");
+            let lines: Vec<String> = sqlx::query_scalar(sql).fetch_all(&mut db).await.expect("explain");
+            lines.join("\n")
+        }
+    };
+    let transition = plan(
+        "EXPLAIN UPDATE idemd_records SET updated_at = now() WHERE namespace = 'ns' AND key = 'k' \
+         AND state = 1 AND lease_token = 't' AND lease_expires_at > now() AND expires_at > now()",
+    )
+    .await;
+    assert!(!transition.contains("live_leases"), "{transition}");
+    let reaper = plan(
+        "EXPLAIN SELECT namespace, key FROM idemd_records \
+         WHERE state = 1 AND completed_at IS NULL AND lease_expires_at <= now() AND expires_at > now() \
+         ORDER BY lease_expires_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+    )
+    .await;
+    assert!(reaper.contains("idemd_records_live_leases"), "{reaper}");
+}
