@@ -147,9 +147,10 @@ pub struct DatabaseConfig {
     #[arg(long, env = "IDEMD_STORE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub store_timeout: Duration,
 
-    /// Postgres group commit: up to this many concurrent Begins (and,
-    /// separately, Completes) run as one statement (1 = off, every call its
-    /// own statement). A lone call never waits for company.
+    /// Postgres group commit: up to this many concurrent Begins and this
+    /// many concurrent Completes run as one statement and one commit (1 =
+    /// off, every call its own statement). A lone call never waits for
+    /// company.
     #[arg(long, env = "IDEMD_GROUP_COMMIT_MAX_BATCH", default_value_t = 32)]
     pub group_commit_max_batch: usize,
 
@@ -158,10 +159,10 @@ pub struct DatabaseConfig {
     #[arg(long, env = "IDEMD_GROUP_COMMIT_WINDOW", default_value = "0ms", value_parser = duration)]
     pub group_commit_window: Duration,
 
-    /// With group commit: batches of Begins (and, separately, of Completes)
-    /// in the database at once. With 1, the next batch gathers while one is
-    /// in the database; more overlap the round trip to a distant database at
-    /// the cost of smaller batches.
+    /// With group commit: batches in the database at once. With 1, the
+    /// next batch gathers while one is in the database; more overlap the
+    /// round trip to a distant database at the cost of smaller batches and
+    /// more commits.
     #[arg(long, env = "IDEMD_GROUP_COMMIT_IN_FLIGHT", default_value_t = 1)]
     pub group_commit_in_flight: usize,
 }

@@ -149,3 +149,116 @@ crate::both_stores!(
     complete_of_an_absent_record_is_not_found,
     largest_response_is_accepted,
 );
+
+/// Group commit runs the Begins and Completes that queue together as one
+/// statement and one transaction, each with its own answer and event; a
+/// Begin of a key whose Complete is in the same batch runs after it and
+/// replays it. The batch worker is held on a locked row so that the calls
+/// queue up behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn begins_and_completes_that_queue_together_commit_together() {
+    use sqlx::{Connection, Row};
+    let app = spawn_app_with(Backend::PostgresBatched, |config| config.database.group_commit_in_flight = 1).await;
+    let mut leases = Vec::new();
+    for i in 0..10 {
+        leases.push(app.acquire(begin_req(&format!("c-{i}"))).await.lease_token);
+    }
+    let blocker = app.acquire(begin_req("blocker")).await.lease_token;
+
+    let mut db = sqlx::PgConnection::connect(&app.database_url).await.expect("connect");
+    sqlx::raw_sql("BEGIN").execute(&mut db).await.expect("begin");
+    sqlx::query("SELECT 1 FROM idemd_records WHERE namespace = $1 AND key = 'blocker' FOR UPDATE")
+        .bind(NS)
+        .execute(&mut db)
+        .await
+        .expect("lock the blocker's row");
+    let held = {
+        let client = app.client.clone();
+        tokio::spawn(async move { complete_call(client, "blocker", blocker).await })
+    };
+    eventually("the batch worker waits on the locked row", Duration::from_secs(10), || async {
+        let mut c = sqlx::PgConnection::connect(&app.database_url).await.ok()?;
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .ok()?;
+        (waiting > 0).then_some(())
+    })
+    .await;
+
+    let completes: Vec<_> = leases
+        .into_iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let client = app.client.clone();
+            tokio::spawn(async move { complete_call(client, &format!("c-{i}"), token).await })
+        })
+        .collect();
+    let begins: Vec<_> = (0..10)
+        .map(|i| format!("n-{i}"))
+        .chain(["c-0".to_string()])
+        .map(|key| {
+            let mut client = app.client.clone();
+            tokio::spawn(async move { (key.clone(), client.begin(begin_req(&key)).await) })
+        })
+        .collect();
+    // Time for the calls to queue behind the held batch; one that came later
+    // would only land in a later batch.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut db).await.expect("release the row");
+
+    held.await.expect("task").expect("the held Complete");
+    for complete in completes {
+        complete.await.expect("task").expect("complete");
+    }
+    for begin in begins {
+        let (key, answer) = begin.await.expect("task");
+        let outcome = answer.unwrap_or_else(|s| panic!("{key}: {s:?}")).into_inner().outcome;
+        match (key.as_str(), outcome) {
+            ("c-0", Some(Outcome::Completed(replay))) => assert_eq!(replay.response, b"response c-0"),
+            (key, Some(Outcome::Acquired(_))) if key.starts_with("n-") => {}
+            (key, outcome) => panic!("{key}: {outcome:?}"),
+        }
+    }
+    for i in 0..10 {
+        let record = app.lookup(&format!("c-{i}")).await.expect("lookup");
+        assert_eq!(record.state, pb::State::Completed as i32);
+        assert_eq!(record.response, format!("response c-{i}").into_bytes());
+    }
+    // The transaction that wrote each COMPLETED event of c-* and ACQUIRED event of n-*.
+    let events = sqlx::query(
+        "SELECT kind, xmin::text AS tx FROM idemd_events WHERE namespace = $1 \
+         AND ((kind = 2 AND key LIKE 'c-%') OR (kind = 1 AND key LIKE 'n-%'))",
+    )
+    .bind(NS)
+    .fetch_all(&mut db)
+    .await
+    .expect("events");
+    assert_eq!(events.len(), 20, "one event per transition");
+    let transactions = |kind: i16| -> std::collections::HashSet<String> {
+        events.iter().filter(|e| e.get::<i16, _>("kind") == kind).map(|e| e.get("tx")).collect()
+    };
+    assert!(
+        !transactions(1).is_disjoint(&transactions(2)),
+        "no Begin committed with a Complete: {:?} / {:?}",
+        transactions(1),
+        transactions(2)
+    );
+}
+
+async fn complete_call(
+    mut client: idemd::pb::idempotency_client::IdempotencyClient<tonic::transport::Channel>,
+    key: &str,
+    token: String,
+) -> Result<pb::CompleteResponse, tonic::Status> {
+    let request = pb::CompleteRequest {
+        namespace: NS.into(),
+        key: key.into(),
+        lease_token: token,
+        response: format!("response {key}").into_bytes(),
+        ..Default::default()
+    };
+    client.complete(request).await.map(|r| r.into_inner())
+}

@@ -121,9 +121,10 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
         Backend::Postgres => config.database.group_commit_max_batch = 1,
         Backend::PostgresBatched => {
             config.database.group_commit_max_batch = 32;
-            // Batches overlapping in the database (rows locked in key order
-            // so they cannot deadlock) are the harder case; the default, one
-            // at a time, runs behind PgBouncer and in the faults suite.
+            // Batches overlapping in the database (rows of a kind locked in
+            // key order; a deadlock between one batch's Begins and another's
+            // Completes is retried) are the harder case; the default, one at
+            // a time, runs behind PgBouncer and in the faults suite.
             config.database.group_commit_in_flight = 4;
         }
         Backend::PgBouncer => {

@@ -1,18 +1,21 @@
-//! Group commit on Postgres: concurrent Begins (and, separately, Completes)
-//! are gathered while the previous batch is in the database and executed as
-//! one statement (`unnest` arrays) in one transaction; each caller gets its
-//! own answer.
+//! Group commit on Postgres: concurrent Begins and Completes are gathered
+//! while the previous batch is in the database and executed as one
+//! statement (`unnest` arrays) in one transaction; each caller gets its own
+//! answer. A batch with both kinds is one statement and one commit for
+//! both, so a pair's Begin and Complete share their commits with other
+//! pairs'.
 //!
 //! A lone call runs the one-key statement at once (nothing waits for a
 //! window unless `--group-commit-window` asks for one). Repeats of a key in a
-//! batch take the one-key path after it, so a statement never touches a row
-//! twice; rows are locked in key order so concurrent batches cannot deadlock
-//! one another. Every rule is the same SQL as the one-key statement's; a key
-//! the batch did not settle is judged by the same verdict or goes through
-//! the one-key path, and a batch that fails falls back to one-key calls.
+//! batch (a Begin and a Complete of one key included) take the one-key path
+//! after it, so a statement never touches a row twice; rows of a kind are
+//! locked in key order so concurrent batches rarely wait on one another,
+//! and a deadlock between them is retried like any other. Every rule is the
+//! same SQL as the one-key statement's; a key the batch did not settle is
+//! judged by the same verdict or goes through the one-key path, and a batch
+//! that fails falls back to one-key calls.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +23,8 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey};
+use super::session::PgQuery;
+use super::statements::{BEGIN_ACQUIRE_BATCH, BEGIN_COMPLETE_BATCH, BEGIN_READ_BATCH, COMPLETE_BATCH, SingleKey};
 use crate::domain::{
     BeginOutcome, BeginRequest, CompleteRequest, Completion, REAPER_REASON, RecordId, Verdict, micros,
     new_downstream_key, new_lease_token,
@@ -31,66 +35,37 @@ use crate::store::rows::{acquired_lease, current_record};
 
 type Reply<A> = oneshot::Sender<Result<A>>;
 type Item<Q, A> = (Q, Reply<A>);
+type BeginItem = Item<BeginRequest, BeginOutcome>;
+type CompleteItem = Item<CompleteRequest, Completion>;
 
-/// Hands calls of one kind to its batch workers.
+/// The calls waiting for a batch, one queue per kind.
 #[derive(Debug)]
-pub struct Batcher<Q, A> {
-    queue: mpsc::Sender<Item<Q, A>>,
+struct Queues {
+    begins: mpsc::Receiver<BeginItem>,
+    completes: mpsc::Receiver<CompleteItem>,
 }
 
-impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
-    /// A batch still running after `limit` (a database gone silent) is
-    /// given up, closing its connection, so the calls queued behind it
-    /// reach the database again once it answers or the primary moves.
-    /// Each batch's size is counted under `kind` in `metrics`.
-    fn start<F, Fut>(
-        workers: usize,
-        max_batch: usize,
-        window: Duration,
-        limit: Duration,
-        (kind, metrics): (&'static str, Option<Arc<Metrics>>),
-        run: F,
-    ) -> Self
-    where
-        F: Fn(Vec<Item<Q, A>>) -> Fut + Clone + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send,
-    {
-        let (queue, receiver) = mpsc::channel(max_batch.max(1) * workers.max(1) * 4);
-        let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..workers.max(1) {
-            let (run, receiver, metrics) = (run.clone(), Arc::clone(&receiver), metrics.clone());
-            tokio::spawn(async move {
-                while let Some(batch) = gather(&receiver, max_batch, window).await {
-                    if let Some(metrics) = &metrics {
-                        metrics.group_commit_batch(kind, batch.len());
-                    }
-                    if tokio::time::timeout(limit, run(batch)).await.is_err() {
-                        tracing::warn!(?limit, "a group commit batch outlasted the store timeout; given up");
-                    }
-                }
-            });
-        }
-        Batcher { queue }
-    }
-
-    pub async fn submit(&self, request: Q) -> Result<A> {
-        let (reply, answer) = oneshot::channel();
-        self.queue.send((request, reply)).await.map_err(|_| Error::Internal("group commit stopped".into()))?;
-        // Dropped unanswered: its batch was given up at the store timeout, so,
-        // as for a single call that timed out, it may or may not have committed.
-        answer.await.map_err(|_| Error::StoreTimeout)?
-    }
+/// What one batch worker took from the queues.
+#[derive(Debug, Default)]
+struct Batch {
+    begins: Vec<BeginItem>,
+    completes: Vec<CompleteItem>,
 }
 
-/// The Begin and Complete batchers of one store.
+/// Hands Begins and Completes to the batch workers.
 #[derive(Debug)]
 pub struct GroupCommit {
-    pub begin: Batcher<BeginRequest, BeginOutcome>,
-    pub complete: Batcher<CompleteRequest, Completion>,
+    begins: mpsc::Sender<BeginItem>,
+    completes: mpsc::Sender<CompleteItem>,
 }
 
 impl GroupCommit {
-    /// Starts the workers over the one-key statements.
+    /// Starts `workers` batch workers over the one-key statements, each
+    /// taking up to `max_batch` Begins and `max_batch` Completes. A batch
+    /// still running after the store timeout (a database gone silent) is
+    /// given up, closing its connection, so the calls queued behind it reach
+    /// the database again once it answers or the primary moves. Each batch's
+    /// size is counted by kind in `metrics`.
     pub fn start(
         store: SingleKey,
         workers: usize,
@@ -98,46 +73,99 @@ impl GroupCommit {
         window: Duration,
         metrics: Option<Arc<Metrics>>,
     ) -> Arc<Self> {
-        let (begin_store, limit) = (store.clone(), store.store_timeout());
-        let begin = Batcher::start(workers, max_batch, window, limit, ("begin", metrics.clone()), move |batch| {
-            run_begins(begin_store.clone(), batch)
-        });
-        let complete = Batcher::start(workers, max_batch, window, limit, ("complete", metrics), move |batch| {
-            run_completes(store.clone(), batch)
-        });
-        Arc::new(GroupCommit { begin, complete })
+        let capacity = max_batch.max(1) * workers.max(1) * 4;
+        let (begins, begin_queue) = mpsc::channel(capacity);
+        let (completes, complete_queue) = mpsc::channel(capacity);
+        let queues = Arc::new(Mutex::new(Queues { begins: begin_queue, completes: complete_queue }));
+        let limit = store.store_timeout();
+        for _ in 0..workers.max(1) {
+            let (store, queues, metrics) = (store.clone(), Arc::clone(&queues), metrics.clone());
+            tokio::spawn(async move {
+                while let Some(batch) = gather(&queues, max_batch.max(1), window).await {
+                    if let Some(metrics) = &metrics {
+                        if !batch.begins.is_empty() {
+                            metrics.group_commit_batch("begin", batch.begins.len());
+                        }
+                        if !batch.completes.is_empty() {
+                            metrics.group_commit_batch("complete", batch.completes.len());
+                        }
+                    }
+                    if tokio::time::timeout(limit, run(&store, batch)).await.is_err() {
+                        tracing::warn!(?limit, "a group commit batch outlasted the store timeout; given up");
+                    }
+                }
+            });
+        }
+        Arc::new(GroupCommit { begins, completes })
+    }
+
+    pub async fn begin(&self, request: BeginRequest) -> Result<BeginOutcome> {
+        submit(&self.begins, request).await
+    }
+
+    pub async fn complete(&self, request: CompleteRequest) -> Result<Completion> {
+        submit(&self.completes, request).await
     }
 }
 
-/// Waits for one call, then takes what else is already queued (or arrives
-/// within `window`), up to `max_batch`.
-async fn gather<T>(receiver: &Mutex<mpsc::Receiver<T>>, max_batch: usize, window: Duration) -> Option<Vec<T>> {
-    let mut receiver = receiver.lock().await;
-    let first = receiver.recv().await?;
-    let mut batch = vec![first];
+async fn submit<Q, A>(queue: &mpsc::Sender<Item<Q, A>>, request: Q) -> Result<A> {
+    let (reply, answer) = oneshot::channel();
+    queue.send((request, reply)).await.map_err(|_| Error::Internal("group commit stopped".into()))?;
+    // Dropped unanswered: its batch was given up at the store timeout, so,
+    // as for a single call that timed out, it may or may not have committed.
+    answer.await.map_err(|_| Error::StoreTimeout)?
+}
+
+/// Waits for one call of either kind, then takes what else is already
+/// queued (or arrives within `window`), up to `max_batch` of each kind.
+async fn gather(queues: &Mutex<Queues>, max_batch: usize, window: Duration) -> Option<Batch> {
+    let mut queues = queues.lock().await;
+    let Queues { begins, completes } = &mut *queues;
+    let mut batch = Batch::default();
+    tokio::select! {
+        Some(item) = begins.recv() => batch.begins.push(item),
+        Some(item) = completes.recv() => batch.completes.push(item),
+        else => return None,
+    }
     let deadline = tokio::time::Instant::now() + window;
-    while batch.len() < max_batch {
-        match receiver.try_recv() {
-            Ok(item) => batch.push(item),
-            Err(_) if window.is_zero() => break,
-            Err(_) => match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(item)) => batch.push(item),
-                _ => break,
-            },
+    loop {
+        take_queued(begins, &mut batch.begins, max_batch);
+        take_queued(completes, &mut batch.completes, max_batch);
+        let (begins_full, completes_full) = (batch.begins.len() >= max_batch, batch.completes.len() >= max_batch);
+        if window.is_zero() || (begins_full && completes_full) {
+            return Some(batch);
+        }
+        let arrived = tokio::time::timeout_at(deadline, async {
+            tokio::select! {
+                Some(item) = begins.recv(), if !begins_full => batch.begins.push(item),
+                Some(item) = completes.recv(), if !completes_full => batch.completes.push(item),
+                else => std::future::pending().await,
+            }
+        });
+        if arrived.await.is_err() {
+            return Some(batch);
         }
     }
-    Some(batch)
+}
+
+fn take_queued<T>(queue: &mut mpsc::Receiver<T>, into: &mut Vec<T>, max_batch: usize) {
+    while into.len() < max_batch {
+        match queue.try_recv() {
+            Ok(item) => into.push(item),
+            Err(_) => break,
+        }
+    }
 }
 
 /// One entry per key, and the repeats.
 type Split<Q, A> = (Vec<Item<Q, A>>, Vec<Item<Q, A>>);
 
-/// Splits a batch into one entry per key and the repeats.
-fn distinct<Q, A>(batch: Vec<Item<Q, A>>, id: impl Fn(&Q) -> RecordId) -> Split<Q, A> {
-    let mut seen = HashSet::new();
+/// Splits calls into one entry per key and the repeats; a key already in
+/// `taken` is a repeat.
+fn distinct<Q, A>(calls: Vec<Item<Q, A>>, id: impl Fn(&Q) -> &RecordId, taken: &mut HashSet<RecordId>) -> Split<Q, A> {
     let (mut entries, mut repeats) = (Vec::new(), Vec::new());
-    for item in batch {
-        if seen.insert(id(&item.0)) {
+    for item in calls {
+        if taken.insert(id(&item.0).clone()) {
             entries.push(item);
         } else {
             repeats.push(item);
@@ -153,7 +181,7 @@ fn abandoned<Q, A>((_, reply): &Item<Q, A>) -> bool {
     reply.is_closed()
 }
 
-fn begin_alone(store: &SingleKey, (request, reply): Item<BeginRequest, BeginOutcome>) {
+fn begin_alone(store: &SingleKey, (request, reply): BeginItem) {
     let store = store.clone();
     tokio::spawn(async move {
         if reply.is_closed() {
@@ -164,7 +192,7 @@ fn begin_alone(store: &SingleKey, (request, reply): Item<BeginRequest, BeginOutc
     });
 }
 
-fn complete_alone(store: &SingleKey, (request, reply): Item<CompleteRequest, Completion>) {
+fn complete_alone(store: &SingleKey, (request, reply): CompleteItem) {
     let store = store.clone();
     tokio::spawn(async move {
         let completion = tokio::time::timeout(store.store_timeout(), store.complete_single(&request)).await;
@@ -172,94 +200,210 @@ fn complete_alone(store: &SingleKey, (request, reply): Item<CompleteRequest, Com
     });
 }
 
-async fn run_begins(store: SingleKey, mut batch: Vec<Item<BeginRequest, BeginOutcome>>) {
-    batch.retain(|item| !abandoned(item));
-    if batch.is_empty() {
-        return;
-    }
-    if batch.len() == 1 {
-        for (request, reply) in batch {
-            let _ = reply.send(store.begin_single(&request).await);
-        }
-        return;
-    }
-    tracing::debug!(size = batch.len(), "group commit of Begins");
+/// Runs one batch: a lone call as the one-key statement; otherwise the
+/// distinct keys of each kind as one statement, both kinds together when
+/// there are both; the repeats alone after it.
+async fn run(store: &SingleKey, mut batch: Batch) {
     // A caller that gave up while queued must not be handed a lease nobody holds.
-    let batch: Vec<_> = batch.into_iter().filter(|(_, reply)| !reply.is_closed()).collect();
-    let (entries, repeats) = distinct(batch, |r| r.id.clone());
-    let tokens: Vec<(String, String)> = entries.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
-    match acquire_batch(&store, &entries, &tokens).await {
-        Ok(mut acquired) => {
-            let mut pending = Vec::new();
-            for ((request, reply), (token, _)) in entries.into_iter().zip(tokens) {
-                match acquired.remove(&request.id) {
-                    Some(row) => {
-                        let lease = acquired_lease(&row, token);
-                        let _ = reply.send(lease.map(BeginOutcome::Acquired));
-                    }
-                    None => pending.push((request, reply)),
+    batch.begins.retain(|item| !abandoned(item));
+    match (batch.begins.len(), batch.completes.len()) {
+        (0, 0) => return,
+        (1, 0) => {
+            for (request, reply) in batch.begins {
+                let _ = reply.send(store.begin_single(&request).await);
+            }
+            return;
+        }
+        (0, 1) => {
+            for (request, reply) in batch.completes {
+                let _ = reply.send(store.complete_single(&request).await);
+            }
+            return;
+        }
+        (begins, completes) => tracing::debug!(begins, completes, "group commit"),
+    }
+    let mut taken = HashSet::new();
+    let (completes, complete_repeats) = distinct(batch.completes, |r| &r.id, &mut taken);
+    let (begins, begin_repeats) = distinct(batch.begins, |r| &r.id, &mut taken);
+    let tokens: Vec<(String, String)> = begins.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
+    let begin_arrays = BeginArrays::new(&begins, &tokens);
+    let complete_arrays = CompleteArrays::new(&completes);
+    let result = match (begins.is_empty(), completes.is_empty()) {
+        (false, true) => store.session().fetch_all(|| begin_arrays.bind(sqlx::query(BEGIN_ACQUIRE_BATCH))).await,
+        (true, false) => store.session().fetch_all(|| complete_arrays.bind(sqlx::query(COMPLETE_BATCH))).await,
+        _ => {
+            let query = || complete_arrays.bind(begin_arrays.bind(sqlx::query(BEGIN_COMPLETE_BATCH)));
+            store.session().fetch_all(query).await
+        }
+    };
+    match result {
+        Ok(rows) => {
+            let (mut acquired, mut done) = (HashMap::new(), HashMap::new());
+            for row in rows {
+                // A row of the combined statement says its kind; the others are all of theirs.
+                let kind: i32 = row.try_get("kind").unwrap_or(if completes.is_empty() { 1 } else { 2 });
+                let (Ok(namespace), Ok(key)) = (row.try_get::<String, _>("namespace"), row.try_get("key")) else {
+                    continue;
+                };
+                let id = RecordId::stored(namespace, key);
+                if kind == 1 {
+                    acquired.insert(id, row);
+                } else if let (Ok(completed_at), Ok(expires_at)) =
+                    (row.try_get("completed_at"), row.try_get("expires_at"))
+                {
+                    done.insert(id, Completion { completed_at, expires_at });
                 }
             }
-            judge_begins(&store, pending).await;
+            settle_completes(store, completes, Some(done));
+            settle_begins(store, begins, tokens, acquired).await;
         }
-        // Postgres rejected the statement, so nothing of it committed: each runs alone.
-        Err(error) if error.rejected_by_database() => {
-            tracing::warn!(%error, "group commit of Begins failed; each runs alone");
-            entries.into_iter().for_each(|item| begin_alone(&store, item));
-        }
-        // The connection failed: the batch may have committed, so, as for a
-        // single Begin, the callers hear "not confirmed" and retry (same nonce).
         Err(error) => {
-            let message = error.to_string();
-            for (_, reply) in entries {
-                let _ = reply.send(Err(Error::StoreLost(message.clone())));
+            if !completes.is_empty() {
+                tracing::warn!(%error, "group commit of Completes failed; each runs alone");
+            }
+            settle_completes(store, completes, None);
+            if error.rejected_by_database() {
+                // Postgres rejected the statement, so nothing of it committed: each runs alone.
+                if !begins.is_empty() {
+                    tracing::warn!(%error, "group commit of Begins failed; each runs alone");
+                }
+                begins.into_iter().for_each(|item| begin_alone(store, item));
+            } else {
+                // The connection failed: the batch may have committed, so, as for a
+                // single Begin, the callers hear "not confirmed" and retry (same nonce).
+                let message = error.to_string();
+                for (_, reply) in begins {
+                    let _ = reply.send(Err(Error::StoreLost(message.clone())));
+                }
             }
         }
     }
-    repeats.into_iter().for_each(|item| begin_alone(&store, item));
+    complete_repeats.into_iter().for_each(|item| complete_alone(store, item));
+    begin_repeats.into_iter().for_each(|item| begin_alone(store, item));
 }
 
-async fn acquire_batch(
-    store: &SingleKey,
-    entries: &[Item<BeginRequest, BeginOutcome>],
-    tokens: &[(String, String)],
-) -> Result<HashMap<RecordId, PgRow>> {
-    let requests = || entries.iter().map(|(r, _)| r);
-    let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
-    let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
-    let fingerprints: Vec<&[u8]> = requests().map(|r| r.fingerprint.as_slice()).collect();
-    let leases: Vec<i64> = requests().map(|r| micros(r.lease_ttl)).collect();
-    let retentions: Vec<i64> = requests().map(|r| micros(r.retention)).collect();
-    let nonces: Vec<Option<&str>> = requests().map(|r| r.attempt_nonce.as_deref()).collect();
-    let lease_tokens: Vec<&str> = tokens.iter().map(|(t, _)| t.as_str()).collect();
-    let downstream: Vec<&str> = tokens.iter().map(|(_, d)| d.as_str()).collect();
-    let principals: Vec<&str> = requests().map(|r| r.principal.as_str()).collect();
-    let query = || {
-        sqlx::query(BEGIN_ACQUIRE_BATCH)
-            .bind(&namespaces)
-            .bind(&keys)
-            .bind(&fingerprints)
-            .bind(&leases)
-            .bind(&retentions)
-            .bind(&downstream)
-            .bind(&lease_tokens)
-            .bind(&nonces)
-            .bind(&principals)
-            .bind(REAPER_REASON)
-    };
-    let rows = store.session().fetch_all(query).await?;
-    let mut acquired = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let namespace: String = row.try_get("namespace")?;
-        let key: String = row.try_get("key")?;
-        acquired.insert(RecordId::stored(namespace, key), row);
+/// The Begins of a batch as the arrays of [`BEGIN_ACQUIRE_BATCH`]'s
+/// parameters $1 to $10.
+struct BeginArrays<'a> {
+    namespaces: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    fingerprints: Vec<&'a [u8]>,
+    leases: Vec<i64>,
+    retentions: Vec<i64>,
+    downstream: Vec<&'a str>,
+    lease_tokens: Vec<&'a str>,
+    nonces: Vec<Option<&'a str>>,
+    principals: Vec<&'a str>,
+}
+
+impl<'a> BeginArrays<'a> {
+    fn new(entries: &'a [BeginItem], tokens: &'a [(String, String)]) -> Self {
+        let requests = || entries.iter().map(|(r, _)| r);
+        BeginArrays {
+            namespaces: requests().map(|r| r.id.namespace.as_str()).collect(),
+            keys: requests().map(|r| r.id.key.as_str()).collect(),
+            fingerprints: requests().map(|r| r.fingerprint.as_slice()).collect(),
+            leases: requests().map(|r| micros(r.lease_ttl)).collect(),
+            retentions: requests().map(|r| micros(r.retention)).collect(),
+            downstream: tokens.iter().map(|(_, d)| d.as_str()).collect(),
+            lease_tokens: tokens.iter().map(|(t, _)| t.as_str()).collect(),
+            nonces: requests().map(|r| r.attempt_nonce.as_deref()).collect(),
+            principals: requests().map(|r| r.principal.as_str()).collect(),
+        }
     }
-    Ok(acquired)
+
+    fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.namespaces)
+            .bind(&self.keys)
+            .bind(&self.fingerprints)
+            .bind(&self.leases)
+            .bind(&self.retentions)
+            .bind(&self.downstream)
+            .bind(&self.lease_tokens)
+            .bind(&self.nonces)
+            .bind(&self.principals)
+            .bind(REAPER_REASON)
+    }
+}
+
+/// The Completes of a batch as the arrays of [`COMPLETE_BATCH`]'s
+/// parameters, bound after whatever the query already has.
+struct CompleteArrays<'a> {
+    namespaces: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    tokens: Vec<&'a str>,
+    responses: Vec<&'a [u8]>,
+    codes: Vec<i32>,
+    content_types: Vec<&'a str>,
+    principals: Vec<&'a str>,
+}
+
+impl<'a> CompleteArrays<'a> {
+    fn new(entries: &'a [CompleteItem]) -> Self {
+        let requests = || entries.iter().map(|(r, _)| r);
+        CompleteArrays {
+            namespaces: requests().map(|r| r.id.namespace.as_str()).collect(),
+            keys: requests().map(|r| r.id.key.as_str()).collect(),
+            tokens: requests().map(|r| r.lease_token.as_str()).collect(),
+            responses: requests().map(|r| r.response.as_slice()).collect(),
+            codes: requests().map(|r| r.response_code).collect(),
+            content_types: requests().map(|r| r.content_type.as_str()).collect(),
+            principals: requests().map(|r| r.principal.as_str()).collect(),
+        }
+    }
+
+    fn bind<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.namespaces)
+            .bind(&self.keys)
+            .bind(&self.tokens)
+            .bind(&self.responses)
+            .bind(&self.codes)
+            .bind(&self.content_types)
+            .bind(&self.principals)
+    }
+}
+
+/// Answers the Begins of a batch that ran: the acquired ones with their
+/// lease, the others by what holds their key.
+async fn settle_begins(
+    store: &SingleKey,
+    entries: Vec<BeginItem>,
+    tokens: Vec<(String, String)>,
+    mut acquired: HashMap<RecordId, PgRow>,
+) {
+    let mut pending = Vec::new();
+    for ((request, reply), (token, _)) in entries.into_iter().zip(tokens) {
+        match acquired.remove(&request.id) {
+            Some(row) => {
+                let lease = acquired_lease(&row, token);
+                let _ = reply.send(lease.map(BeginOutcome::Acquired));
+            }
+            None => pending.push((request, reply)),
+        }
+    }
+    judge_begins(store, pending).await;
+}
+
+/// Answers the Completes of a batch: those it completed (`done`, `None` if
+/// the statement failed) with their completion; the others through the
+/// one-key path, which says why (a retry, LEASE_LOST, NOT_FOUND).
+fn settle_completes(store: &SingleKey, entries: Vec<CompleteItem>, done: Option<HashMap<RecordId, Completion>>) {
+    let mut done = done.unwrap_or_default();
+    for (request, reply) in entries {
+        match done.remove(&request.id) {
+            Some(completion) => {
+                let _ = reply.send(Ok(completion));
+            }
+            None => complete_alone(store, (request, reply)),
+        }
+    }
 }
 
 /// Reads the keys that were not acquired and applies Begin's table; what
 /// changed in between (or failed to read) goes through the one-key path.
-async fn judge_begins(store: &SingleKey, pending: Vec<Item<BeginRequest, BeginOutcome>>) {
+async fn judge_begins(store: &SingleKey, pending: Vec<BeginItem>) {
     if pending.is_empty() {
         return;
     }
@@ -285,65 +429,6 @@ async fn judge_begins(store: &SingleKey, pending: Vec<Item<BeginRequest, BeginOu
             Some(Verdict::TryAgain) | None => begin_alone(store, (request, reply)),
         }
     }
-}
-
-async fn run_completes(store: SingleKey, batch: Vec<Item<CompleteRequest, Completion>>) {
-    if batch.len() == 1 {
-        for (request, reply) in batch {
-            let _ = reply.send(store.complete_single(&request).await);
-        }
-        return;
-    }
-    tracing::debug!(size = batch.len(), "group commit of Completes");
-    let (entries, repeats) = distinct(batch, |r| r.id.clone());
-    let requests = || entries.iter().map(|(r, _)| r);
-    let namespaces: Vec<&str> = requests().map(|r| r.id.namespace.as_str()).collect();
-    let keys: Vec<&str> = requests().map(|r| r.id.key.as_str()).collect();
-    let tokens: Vec<&str> = requests().map(|r| r.lease_token.as_str()).collect();
-    let responses: Vec<&[u8]> = requests().map(|r| r.response.as_slice()).collect();
-    let codes: Vec<i32> = requests().map(|r| r.response_code).collect();
-    let content_types: Vec<&str> = requests().map(|r| r.content_type.as_str()).collect();
-    let principals: Vec<&str> = requests().map(|r| r.principal.as_str()).collect();
-    let query = || {
-        sqlx::query(COMPLETE_BATCH)
-            .bind(&namespaces)
-            .bind(&keys)
-            .bind(&tokens)
-            .bind(&responses)
-            .bind(&codes)
-            .bind(&content_types)
-            .bind(&principals)
-    };
-    let result = store.session().fetch_all(query).await;
-    match result {
-        Ok(rows) => {
-            let mut done = HashMap::with_capacity(rows.len());
-            for row in rows {
-                if let (Ok(namespace), Ok(key), Ok(completed_at), Ok(expires_at)) = (
-                    row.try_get::<String, _>("namespace"),
-                    row.try_get::<String, _>("key"),
-                    row.try_get("completed_at"),
-                    row.try_get("expires_at"),
-                ) {
-                    done.insert(RecordId::stored(namespace, key), Completion { completed_at, expires_at });
-                }
-            }
-            for (request, reply) in entries {
-                match done.remove(&request.id) {
-                    Some(completion) => {
-                        let _ = reply.send(Ok(completion));
-                    }
-                    // Not completed here: the one-key path says why (a retry, LEASE_LOST, NOT_FOUND).
-                    None => complete_alone(&store, (request, reply)),
-                }
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "group commit of Completes failed; each runs alone");
-            entries.into_iter().for_each(|item| complete_alone(&store, item));
-        }
-    }
-    repeats.into_iter().for_each(|item| complete_alone(&store, item));
 }
 
 #[cfg(test)]

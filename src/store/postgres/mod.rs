@@ -164,14 +164,14 @@ impl PgStore {
 impl Store for PgStore {
     async fn begin(&self, request: &BeginRequest) -> Result<BeginOutcome> {
         match &self.batchers {
-            Some(batchers) => batchers.begin.submit(request.clone()).await,
+            Some(batchers) => batchers.begin(request.clone()).await,
             None => self.single.begin_single(request).await,
         }
     }
 
     async fn complete(&self, request: &CompleteRequest) -> Result<Completion> {
         let completion = match &self.batchers {
-            Some(batchers) => batchers.complete.submit(request.clone()).await,
+            Some(batchers) => batchers.complete(request.clone()).await,
             None => self.single.complete_single(request).await,
         }?;
         self.woke(&request.id);

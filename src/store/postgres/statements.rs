@@ -84,17 +84,21 @@ RETURNING namespace, key, attempt, lease_expires_at, downstream_key, history_seq
 macro_rules! acquisition_events {
     () => {
         r#"
-, history AS (
+, acquired_history AS (
     INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, outcome_unknown)
     SELECT a.namespace, a.key, a.history_seq - 1, now(), 4, a.attempt - 1, 'reaper', a.abort_reason, true
     FROM acquired a WHERE a.taken_over
     UNION ALL
     SELECT a.namespace, a.key, a.history_seq, now(), 1, a.attempt, p.principal, '', false
     FROM acquired a JOIN principals p ON p.namespace = a.namespace AND p.key = a.key
-)
-SELECT namespace, key, attempt, lease_expires_at, downstream_key, aborted_by, abort_reason, outcome_unknown, ended_at
-FROM acquired
-"#
+)"#
+    };
+}
+
+/// What an acquisition returns, from its `acquired` rows.
+macro_rules! acquired_columns {
+    () => {
+        "namespace, key, attempt, lease_expires_at, downstream_key, aborted_by, abort_reason, outcome_unknown, ended_at"
     };
 }
 
@@ -102,7 +106,7 @@ FROM acquired
 macro_rules! completion_events {
     () => {
         r#"
-, history AS (
+, completed_history AS (
     INSERT INTO idemd_events (namespace, key, seq, at, kind, attempt, principal, reason, response_code, outcome_unknown)
     SELECT namespace, key, history_seq, now(), 2, attempt, principal, '', response_code, false FROM done
 )"#
@@ -122,14 +126,20 @@ VALUES ($1, $2, 1, 1, $3, $6, $7, $8, $5, now(), now(),
 "#,
     begin_on_conflict!(),
     ")",
-    acquisition_events!()
+    acquisition_events!(),
+    "\nSELECT ",
+    acquired_columns!(),
+    " FROM acquired\n"
 );
 
-/// Group commit: many keys (distinct, sorted so concurrent batches lock rows
-/// in one order) in one statement, one transaction.
-pub(super) const BEGIN_ACQUIRE_BATCH: &str = concat!(
-    r#"
-WITH principals AS (
+/// Group commit of Begins: many keys (distinct, sorted so concurrent
+/// batches lock rows in one order) acquired in one statement, as CTEs
+/// `principals`, `acquired` and their history. Parameters $1 to $10.
+macro_rules! acquire_batch_ctes {
+    () => {
+        concat!(
+            r#"
+principals AS (
     SELECT * FROM unnest($1::text[], $2::text[], $9::text[]) AS p(namespace, key, principal)
 ), acquired AS (
 INSERT INTO idemd_records AS r
@@ -143,42 +153,101 @@ FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bigint[], $6:
      AS b(namespace, key, fingerprint, lease_us, retention_us, downstream_key, lease_token, attempt_nonce)
 ORDER BY b.namespace, b.key
 "#,
-    begin_on_conflict!(),
-    ")",
-    acquisition_events!()
-);
+            begin_on_conflict!(),
+            ")",
+            acquisition_events!()
+        )
+    };
+}
 
-/// Group commit of Completes: distinct keys, rows locked in key order.
-pub(super) const COMPLETE_BATCH: &str = concat!(
-    r#"
-WITH b AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::int[], $6::text[], $7::text[])
-        AS b(namespace, key, lease_token, response, response_code, content_type, principal)
-), locked AS MATERIALIZED (
+pub(super) const BEGIN_ACQUIRE_BATCH: &str =
+    concat!("WITH ", acquire_batch_ctes!(), "\nSELECT ", acquired_columns!(), " FROM acquired\n");
+
+/// Group commit of Completes: the CTEs after `completing`, the batch's
+/// (namespace, key, lease_token, response, response_code, content_type,
+/// principal): rows locked in key order, `done` and its history.
+macro_rules! complete_batch_ctes {
+    () => {
+        concat!(
+            r#"
+, locked AS MATERIALIZED (
     SELECT r.namespace, r.key FROM idemd_records r
-    JOIN b ON r.namespace = b.namespace AND r.key = b.key
+    JOIN completing c ON r.namespace = c.namespace AND r.key = c.key
     ORDER BY r.namespace, r.key
     FOR UPDATE OF r
 ), done AS (
     UPDATE idemd_records r
-    SET state = 2, response = b.response, response_code = b.response_code, content_type = b.content_type,
+    SET state = 2, response = c.response, response_code = c.response_code, content_type = c.content_type,
         completed_at = now(), updated_at = now(),
         expires_at = now() + r.retention_us * interval '1 microsecond',
         history_seq = r.history_seq + 1
-    FROM b, locked l
-    WHERE r.namespace = b.namespace AND r.key = b.key AND l.namespace = r.namespace AND l.key = r.key
-      AND r.state = 1 AND r.lease_token = b.lease_token
+    FROM completing c, locked l
+    WHERE r.namespace = c.namespace AND r.key = c.key AND l.namespace = r.namespace AND l.key = r.key
+      AND r.state = 1 AND r.lease_token = c.lease_token
       AND r.lease_expires_at > now() AND r.expires_at > now()
     RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters, r.history_seq, r.attempt,
-              r.response_code, b.principal
+              r.response_code, c.principal
 )"#,
-    completion_events!(),
-    r#"
-SELECT namespace, key, completed_at, expires_at, "#,
+            completion_events!()
+        )
+    };
+}
+
+/// The batch of Completes as a relation, from seven arrays starting at the
+/// given parameter.
+macro_rules! completing {
+    ($ns:literal, $key:literal, $token:literal, $response:literal, $code:literal, $type:literal, $principal:literal) => {
+        concat!(
+            "completing AS (\n    SELECT * FROM unnest(",
+            $ns,
+            "::text[], ",
+            $key,
+            "::text[], ",
+            $token,
+            "::text[], ",
+            $response,
+            "::bytea[], ",
+            $code,
+            "::int[], ",
+            $type,
+            "::text[], ",
+            $principal,
+            "::text[])\n",
+            "        AS c(namespace, key, lease_token, response, response_code, content_type, principal)\n)"
+        )
+    };
+}
+
+/// Group commit of Completes: distinct keys, rows locked in key order.
+pub(super) const COMPLETE_BATCH: &str = concat!(
+    "WITH ",
+    completing!("$1", "$2", "$3", "$4", "$5", "$6", "$7"),
+    complete_batch_ctes!(),
+    "\nSELECT namespace, key, completed_at, expires_at, ",
     notify_if_awaited!(),
-    r#"
-FROM done
-"#
+    "\nFROM done\n"
+);
+
+/// Group commit of Begins and Completes together, one statement and one
+/// commit: the Begins' parameters are $1 to $10 as in
+/// [`BEGIN_ACQUIRE_BATCH`], the Completes' $11 to $17 in
+/// [`COMPLETE_BATCH`]'s order. No key is in both. One row per key acquired
+/// (`kind` 1) or completed (`kind` 2), with the columns of the statement
+/// it stands for.
+pub(super) const BEGIN_COMPLETE_BATCH: &str = concat!(
+    "WITH ",
+    acquire_batch_ctes!(),
+    ", ",
+    completing!("$11", "$12", "$13", "$14", "$15", "$16", "$17"),
+    complete_batch_ctes!(),
+    "\nSELECT 1 AS kind, ",
+    acquired_columns!(),
+    r#", NULL::timestamptz AS completed_at, NULL::timestamptz AS expires_at, NULL::text AS notified
+FROM acquired
+UNION ALL
+SELECT 2, namespace, key, NULL, NULL, NULL, NULL, NULL, NULL, NULL, completed_at, expires_at, "#,
+    notify_if_awaited!(),
+    "\nFROM done\n"
 );
 
 /// What holds the keys of a batch that did not acquire.
