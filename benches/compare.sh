@@ -10,7 +10,9 @@
 #          transactions, on a table shaped like idemd's (hand_records);
 #   sql    pgbench running idemd's own one-key statements (Begin with its
 #          history event, Complete with its event), two transactions;
-#   idemd  `idemd bench` against the server.
+#   idemd  `idemd bench` against the server;
+#   old    with OLD_IDEMD=path, the same against that build of idemd, on the
+#          same database, alternating with the others: what a change does.
 # For each it prints the medians (and ranges) of pairs/s and p99 and, per
 # pair, the CPU of every Postgres process, idemd's CPU, commits
 # (pg_stat_database), WAL syncs and WAL bytes (pg_stat_wal), all measured in
@@ -23,13 +25,15 @@
 #   SIDES="hand idemd" LEVELS="64" benches/compare.sh
 #   SECONDS_PER_RUN=10 ROUNDS=2 LEVELS="1 16 64" benches/compare.sh
 #   IDEMD_FLAGS="--group-commit-max-batch 1" benches/compare.sh    # group commit off
+#   OLD_IDEMD=/tmp/idemd-before SIDES="hand idemd old" LEVELS=64 benches/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${SECONDS_PER_RUN:-20}
 rounds=${ROUNDS:-3}
 levels=${LEVELS:-"1 16 64 256"}
-sides=${SIDES:-"hand sql idemd"}
+old_idemd=${OLD_IDEMD:-}
+sides=${SIDES:-"hand sql idemd${old_idemd:+ old}"}
 # How long to wait after a run for every backend's statistics to reach pg_stat.
 stats_wait=${STATS_WAIT:-11}
 
@@ -42,12 +46,20 @@ idemd=target/release/idemd
 
 start_bench_cluster
 
-grpc_port=$(free_port)
-# shellcheck disable=SC2086 # IDEMD_FLAGS is a list of flags
-"$idemd" serve --listen "127.0.0.1:$grpc_port" --metrics-listen 127.0.0.1:0 --database-url "$url" \
-  --db-max-connections 64 ${IDEMD_FLAGS:-} 2>"$root/idemd.log" &
-server=$!
-for _ in $(seq 1 100); do grep -q "idemd listening" "$root/idemd.log" && break; sleep 0.1; done
+# Starts a build of idemd on the database; sets server (its pid) and grpc_port.
+start_idemd() {
+  grpc_port=$(free_port)
+  # shellcheck disable=SC2086 # IDEMD_FLAGS is a list of flags
+  "$1" serve --listen "127.0.0.1:$grpc_port" --metrics-listen 127.0.0.1:0 --database-url "$url" \
+    ${IDEMD_FLAGS:-} 2>"$root/$2.log" &
+  server=$!
+  for _ in $(seq 1 100); do grep -q "idemd listening" "$root/$2.log" && break; sleep 0.1; done
+}
+if [ -n "$old_idemd" ]; then
+  start_idemd "$old_idemd" idemd-old
+  old_server=$server old_port=$grpc_port
+fi
+start_idemd "$idemd" idemd
 
 # idemd's one-key Begin (acquire, with its ACQUIRED event) and Complete
 # (with its COMPLETED event), as src/store/postgres/statements.rs has them,
@@ -133,14 +145,15 @@ idemd_run() {
     | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["errors"])'
 }
 
-stats() { python3 benches/lib/usage.py snapshot "$postmaster" "$server" "${psql_idemd[@]}"; }
+stats() { python3 benches/lib/usage.py snapshot "$postmaster" "$1" "${psql_idemd[@]}"; }
 # One run of a side at $2 clients; prints: pairs/s p99_ms pg_cpu_us idemd_cpu_us commits wal_syncs wal_bytes (per pair).
 run_side() {
-  local side=$1 c=$2 before end after rate p99 pairs errors
-  before=$(stats)
+  local side=$1 c=$2 before end after rate p99 pairs errors pid=$server target=$grpc_port
+  [ "$side" != old ] || { pid=$old_server; target=$old_port; }
+  before=$(stats "$pid")
   case $side in
-    idemd)
-      read -r rate p99 pairs errors <<<"$("$idemd" bench --addr "http://127.0.0.1:$grpc_port" --concurrency "$c" \
+    idemd | old)
+      read -r rate p99 pairs errors <<<"$("$idemd" bench --addr "http://127.0.0.1:$target" --concurrency "$c" \
         --duration "${seconds}s" --json | python3 -c 'import json,sys; r=json.load(sys.stdin)
 print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["pairs"], r["errors"])')"
       [ "$errors" = 0 ] || log "idemd bench reported $errors errors" ;;
@@ -152,9 +165,9 @@ print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["pairs"], r["erro
       read -r pairs p99 <<<"$(cat "$root"/run.* | awk '{print $3 / 1000}' | sort -n \
         | awk '{a[NR] = $1} END {printf "%d %.2f\n", NR, NR ? a[int(NR * 0.99) + 1] : 0}')" ;;
   esac
-  end=$(stats)
+  end=$(stats "$pid")
   sleep "$stats_wait"
-  after=$(stats)
+  after=$(stats "$pid")
   echo "$rate $p99 $(python3 benches/lib/usage.py per-pair "$before" "$end" "$after" "$pairs")"
 }
 # "median (min–max)" of a column of numbers, each printed with format $1.
@@ -222,6 +235,7 @@ print("%-12s %-8s %10.0f %10.2f %10.2f%s" % (sys.argv[1], "idemd", r["pairs_per_
 done
 [ -z "$floor" ] || printf '%s\n' "$floor"
 kill -TERM "$server"; wait "$server" || true
+[ -z "$old_idemd" ] || { kill -TERM "$old_server"; wait "$old_server" || true; }
 
 sqlite_port=$(free_port)
 "$idemd" serve --listen "127.0.0.1:$sqlite_port" --metrics-listen 127.0.0.1:0 --database-url "sqlite://$root/bench.db" \
