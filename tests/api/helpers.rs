@@ -121,7 +121,7 @@ pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut ServeConfi
         Backend::Postgres => config.database.group_commit_max_batch = 1,
         Backend::PostgresBatched => {
             config.database.group_commit_max_batch = 32;
-            // Batches overlapping in the database (rows of a kind locked in
+            // Batches overlapping in the database (rows of a kind taken in
             // key order; a deadlock between one batch's Begins and another's
             // Completes is retried) are the harder case; the default, one at
             // a time, runs behind PgBouncer and in the faults suite.

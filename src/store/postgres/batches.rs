@@ -9,7 +9,7 @@
 //! window unless `--group-commit-window` asks for one). Repeats of a key in a
 //! batch (a Begin and a Complete of one key included) take the one-key path
 //! after it, so a statement never touches a row twice; rows of a kind are
-//! locked in key order so concurrent batches rarely wait on one another,
+//! taken in key order so concurrent batches rarely wait on one another,
 //! and a deadlock between them is retried like any other. Every rule is the
 //! same SQL as the one-key statement's; a key the batch did not settle is
 //! judged by the same verdict or goes through the one-key path, and a batch
@@ -223,7 +223,13 @@ async fn run(store: &SingleKey, mut batch: Batch) {
         (begins, completes) => tracing::debug!(begins, completes, "group commit"),
     }
     let mut taken = HashSet::new();
-    let (completes, complete_repeats) = distinct(batch.completes, |r| &r.id, &mut taken);
+    let (mut completes, complete_repeats) = distinct(batch.completes, |r| &r.id, &mut taken);
+    // The update takes the rows in the order of its arrays, as the Begins'
+    // insert takes them in key order: batches in the database at once then
+    // rarely wait on one another.
+    completes.sort_by(|(a, _), (b, _)| {
+        (a.id.namespace.as_str(), a.id.key.as_str()).cmp(&(b.id.namespace.as_str(), b.id.key.as_str()))
+    });
     let (begins, begin_repeats) = distinct(batch.begins, |r| &r.id, &mut taken);
     let tokens: Vec<(String, String)> = begins.iter().map(|_| (new_lease_token(), new_downstream_key())).collect();
     let begin_arrays = BeginArrays::new(&begins, &tokens);

@@ -165,24 +165,19 @@ pub(super) const BEGIN_ACQUIRE_BATCH: &str =
 
 /// Group commit of Completes: the CTEs after `completing`, the batch's
 /// (namespace, key, lease_token, response, response_code, content_type,
-/// principal): rows locked in key order, `done` and its history.
+/// principal), in key order: `done` and its history.
 macro_rules! complete_batch_ctes {
     () => {
         concat!(
             r#"
-, locked AS MATERIALIZED (
-    SELECT r.namespace, r.key FROM idemd_records r
-    JOIN completing c ON r.namespace = c.namespace AND r.key = c.key
-    ORDER BY r.namespace, r.key
-    FOR UPDATE OF r
-), done AS (
+, done AS (
     UPDATE idemd_records r
     SET state = 2, response = c.response, response_code = c.response_code, content_type = c.content_type,
         completed_at = now(), updated_at = now(),
         expires_at = now() + r.retention_us * interval '1 microsecond',
         history_seq = r.history_seq + 1
-    FROM completing c, locked l
-    WHERE r.namespace = c.namespace AND r.key = c.key AND l.namespace = r.namespace AND l.key = r.key
+    FROM completing c
+    WHERE r.namespace = c.namespace AND r.key = c.key
       AND r.state = 1 AND r.lease_token = c.lease_token
       AND r.lease_expires_at > now() AND r.expires_at > now()
     RETURNING r.namespace, r.key, r.completed_at, r.expires_at, r.waiters, r.history_seq, r.attempt,
@@ -218,7 +213,7 @@ macro_rules! completing {
     };
 }
 
-/// Group commit of Completes: distinct keys, rows locked in key order.
+/// Group commit of Completes: distinct keys, in key order.
 pub(super) const COMPLETE_BATCH: &str = concat!(
     "WITH ",
     completing!("$1", "$2", "$3", "$4", "$5", "$6", "$7"),
