@@ -16,7 +16,7 @@
 # For each it prints the medians (and ranges) of pairs/s and p99 and, per
 # pair, the CPU of every Postgres process, idemd's CPU, commits
 # (pg_stat_database), WAL syncs and WAL bytes (pg_stat_wal), all measured in
-# the same run (benches/lib/usage.py). Then idemd and pgbench paced to half of
+# the same run (benches/lib/usage.py), and the load generator's CPU. Then idemd and pgbench paced to half of
 # idemd's peak, at the peak's concurrency and at 64 clients, for the latency
 # of a pair at that load (p50 and p99, the same measure for both). A last
 # row runs idemd on SQLite.
@@ -146,20 +146,23 @@ idemd_run() {
 }
 
 stats() { python3 benches/lib/usage.py snapshot "$postmaster" "$1" "${psql_idemd[@]}"; }
-# One run of a side at $2 clients; prints: pairs/s p99_ms pg_cpu_us idemd_cpu_us commits wal_syncs wal_bytes (per pair).
+# One run of a side at $2 clients; prints: pairs/s p99_ms pg_cpu_us idemd_cpu_us commits wal_syncs wal_bytes
+# load_generator_cpu_us (per pair).
 run_side() {
   local side=$1 c=$2 before end after rate p99 pairs errors pid=$server target=$grpc_port
+  # The load generator's own CPU (user + system), from /usr/bin/time.
+  local timed=(/usr/bin/time -f '%U %S' -o "$root/load.time")
   [ "$side" != old ] || { pid=$old_server; target=$old_port; }
   before=$(stats "$pid")
   case $side in
     idemd | old)
-      read -r rate p99 pairs errors <<<"$("$idemd" bench --addr "http://127.0.0.1:$target" --concurrency "$c" \
+      read -r rate p99 pairs errors <<<"$("${timed[@]}" "$idemd" bench --addr "http://127.0.0.1:$target" --concurrency "$c" \
         --duration "${seconds}s" --json | python3 -c 'import json,sys; r=json.load(sys.stdin)
 print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["pairs"], r["errors"])')"
       [ "$errors" = 0 ] || log "idemd bench reported $errors errors" ;;
     hand | sql)
       rm -f "$root"/run.*
-      rate=$("$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$c" -j 2 -T "$seconds" \
+      rate=$("${timed[@]}" "$bindir/pgbench" -h 127.0.0.1 -p "$port" -U postgres -n -M prepared -c "$c" -j 2 -T "$seconds" \
         -f "$root/$side.sql" --log --log-prefix="$root/run" idemd 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
       # pgbench's log: client, transaction, latency µs, ...
       read -r pairs p99 <<<"$(cat "$root"/run.* | awk '{print $3 / 1000}' | sort -n \
@@ -168,7 +171,8 @@ print(r["pairs_per_second"], r["latency_ms"]["pair"]["p99"], r["pairs"], r["erro
   end=$(stats "$pid")
   sleep "$stats_wait"
   after=$(stats "$pid")
-  echo "$rate $p99 $(python3 benches/lib/usage.py per-pair "$before" "$end" "$after" "$pairs")"
+  echo "$rate $p99 $(python3 benches/lib/usage.py per-pair "$before" "$end" "$after" "$pairs")" \
+    "$(tail -n 1 "$root/load.time" | awk -v n="$pairs" '{printf "%.0f", n ? ($1 + $2) / n * 1e6 : 0}')"
 }
 # "median (min–max)" of a column of numbers, each printed with format $1.
 spread() {
@@ -176,8 +180,8 @@ spread() {
     printf f " (" f "–" f ")", m, a[1], a[NR]}'
 }
 
-printf '\n%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %s\n' clients side "pairs/s" "p99 ms" "PG CPU µs/pair" \
-  "idemd µs/pair" "commits/pair" "WAL syncs/pair" "WAL B/pair"
+printf '\n%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %-14s %s\n' clients side "pairs/s" "p99 ms" "PG CPU µs/pair" \
+  "idemd µs/pair" "commits/pair" "WAL syncs/pair" "WAL B/pair" "load gen µs/pair"
 peak=0; peak_c=1; floor=""
 for c in $levels; do
   declare -A results=()
@@ -193,8 +197,8 @@ for c in $levels; do
   done
   for side in $sides; do
     column() { printf '%s' "${results[$side]}" | awk -v k="$1" 'NF {print $k}' | spread "$2"; }
-    printf '%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %s\n' "$c" "$side" "$(column 1 %.0f)" "$(column 2 %.1f)" \
-      "$(column 3 %.0f)" "$(column 4 %.0f)" "$(column 5 %.2f)" "$(column 6 %.3f)" "$(column 7 %.0f)"
+    printf '%-6s %-6s %-22s %-18s %-16s %-14s %-12s %-14s %-14s %s\n' "$c" "$side" "$(column 1 %.0f)" "$(column 2 %.1f)" \
+      "$(column 3 %.0f)" "$(column 4 %.0f)" "$(column 5 %.2f)" "$(column 6 %.3f)" "$(column 7 %.0f)" "$(column 8 %.0f)"
   done
   id_m=$(printf '%s' "${results[idemd]:-0}" | awk 'NF {print $1}' | median)
   if [ "$c" = 1 ] && [ -n "${results[hand]:-}" ] && [ -n "${results[idemd]:-}" ]; then
