@@ -16,8 +16,9 @@
 # For each it prints the medians (and ranges) of pairs/s and p99 and, per
 # pair, the CPU of every Postgres process, idemd's CPU, commits
 # (pg_stat_database), WAL syncs and WAL bytes (pg_stat_wal), all measured in
-# the same run (benches/lib/usage.py), and the load generator's CPU. Then idemd and pgbench paced to half of
-# idemd's peak, at the peak's concurrency and at 64 clients, for the latency
+# the same run (benches/lib/usage.py), and the load generator's CPU. Then
+# idemd and pgbench paced to half of idemd's peak, at the peak's concurrency
+# and at 64 clients, for the latency
 # of a pair at that load (p50 and p99, the same measure for both). A last
 # row runs idemd on SQLite.
 #
