@@ -246,9 +246,9 @@ async fn run(store: &SingleKey, mut batch: Batch) {
         Ok(rows) => {
             let (mut acquired, mut done) = (HashMap::new(), HashMap::new());
             for row in rows {
-                // A row of the combined statement says its kind; the others are all of theirs.
-                let kind: i32 = row.try_get("kind").unwrap_or(if completes.is_empty() { 1 } else { 2 });
-                let (Ok(namespace), Ok(key)) = (row.try_get::<String, _>("namespace"), row.try_get("key")) else {
+                let (Ok(kind), Ok(namespace), Ok(key)) =
+                    (row.try_get::<i32, _>("kind"), row.try_get::<String, _>("namespace"), row.try_get("key"))
+                else {
                     continue;
                 };
                 let id = RecordId::stored(namespace, key);

@@ -160,8 +160,9 @@ ORDER BY b.namespace, b.key
     };
 }
 
+/// One row per key acquired, `kind` 1 as in [`BEGIN_COMPLETE_BATCH`].
 pub(super) const BEGIN_ACQUIRE_BATCH: &str =
-    concat!("WITH ", acquire_batch_ctes!(), "\nSELECT ", acquired_columns!(), " FROM acquired\n");
+    concat!("WITH ", acquire_batch_ctes!(), "\nSELECT 1 AS kind, ", acquired_columns!(), " FROM acquired\n");
 
 /// Group commit of Completes: the CTEs after `completing`, the batch's
 /// (namespace, key, lease_token, response, response_code, content_type,
@@ -213,12 +214,13 @@ macro_rules! completing {
     };
 }
 
-/// Group commit of Completes: distinct keys, in key order.
+/// Group commit of Completes: distinct keys, in key order. One row per key
+/// completed, `kind` 2 as in [`BEGIN_COMPLETE_BATCH`].
 pub(super) const COMPLETE_BATCH: &str = concat!(
     "WITH ",
     completing!("$1", "$2", "$3", "$4", "$5", "$6", "$7"),
     complete_batch_ctes!(),
-    "\nSELECT namespace, key, completed_at, expires_at, ",
+    "\nSELECT 2 AS kind, namespace, key, completed_at, expires_at, ",
     notify_if_awaited!(),
     "\nFROM done\n"
 );
